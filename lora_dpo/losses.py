@@ -1,0 +1,121 @@
+"""Preference losses as pure functions of per-sequence log-probs, and the rewards they imply.
+
+Every input is a [B] tensor of completion log-probs (summed, or averaged over completion tokens) for B
+preference pairs. Each loss takes the preference logits h (see `preference_logits`) and returns the
+per-pair loss [B]; the trainer takes the mean. Everything is computed in float32, and log sigma(x) is
+always `F.logsigmoid(x)`, which stays finite where `log(sigmoid(x))` underflows to -inf.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def preference_logits(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+) -> Tensor:
+    """h = (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x)), shape [B].
+
+    All four inputs are [B]. h > 0 when the policy, relative to the reference, favours the chosen
+    completion y_w over the rejected y_l.
+    """
+    chosen_logratios = policy_chosen_logps.float() - reference_chosen_logps.float()
+    rejected_logratios = policy_rejected_logps.float() - reference_rejected_logps.float()
+    return chosen_logratios - rejected_logratios
+
+
+def dpo_loss(logits: Tensor, beta: float, label_smoothing: float = 0.0) -> Tensor:
+    """Sigmoid DPO loss, [B] -> [B] (Rafailov et al. 2023, eq. 7): -log sigma(beta * h).
+
+    With label_smoothing e > 0 this is conservative DPO (cDPO, Mitchell 2023), which assumes each label
+    is flipped with probability e: -(1 - e) * log sigma(beta * h) - e * log sigma(-beta * h).
+    """
+    logits = logits.float()
+    e = label_smoothing
+    return -(1 - e) * F.logsigmoid(beta * logits) - e * F.logsigmoid(-beta * logits)
+
+
+def ipo_loss(logits: Tensor, beta: float, label_smoothing: float = 0.0) -> Tensor:
+    """IPO loss, [B] -> [B] (Azar et al. 2023): (h - 1 / (2 * beta))**2, with beta as the paper's tau.
+
+    The square pulls h to the margin 1/(2 tau) instead of pushing it to infinity. The paper defines h on
+    length-averaged log-probs (see LENGTH_NORMALIZED_BY_DEFAULT). label_smoothing is accepted for a
+    uniform signature and ignored: IPO has no label-noise variant here.
+    """
+    return (logits.float() - 1 / (2 * beta)) ** 2
+
+
+def hinge_loss(logits: Tensor, beta: float, label_smoothing: float = 0.0) -> Tensor:
+    """Hinge loss of SLiC, [B] -> [B] (Zhao et al. 2023): max(0, 1 - beta * h).
+
+    beta acts as 1/delta, the margin's inverse. label_smoothing is accepted for a uniform signature and
+    ignored.
+    """
+    return F.relu(1 - beta * logits.float())
+
+
+def robust_loss(logits: Tensor, beta: float, label_smoothing: float = 0.0) -> Tensor:
+    """Robust DPO (rDPO), [B] -> [B] (Chowdhury et al. 2024), for labels flipped with rate e < 1/2:
+
+        ((1 - e) * -log sigma(beta * h) - e * -log sigma(-beta * h)) / (1 - 2e)
+
+    An unbiased estimate of the clean-label DPO loss; equals `dpo_loss` when e = 0.
+    """
+    if not 0 <= label_smoothing < 0.5:
+        raise ValueError(f"robust_loss needs label_smoothing in [0, 0.5), got {label_smoothing}")
+    logits = logits.float()
+    e = label_smoothing
+    return ((1 - e) * -F.logsigmoid(beta * logits) - e * -F.logsigmoid(-beta * logits)) / (1 - 2 * e)
+
+
+# Names must equal the Literal of lora_dpo.config.LossConfig.name (a test pins it).
+LOSSES: dict[str, Callable[[Tensor, float, float], Tensor]] = {
+    "dpo": dpo_loss,
+    "ipo": ipo_loss,
+    "hinge": hinge_loss,
+    "robust": robust_loss,
+}
+
+# Losses defined on length-averaged log-probs: used unless the recipe sets loss.length_normalize.
+LENGTH_NORMALIZED_BY_DEFAULT: frozenset[str] = frozenset({"ipo"})
+
+
+def implicit_rewards(policy_logps: Tensor, reference_logps: Tensor, beta: float) -> Tensor:
+    """Implicit DPO reward beta * (log pi(y|x) - log pi_ref(y|x)), [B] -> [B], detached (for logging only)."""
+    return (beta * (policy_logps.float() - reference_logps.float())).detach()
+
+
+@dataclass
+class PreferenceOutput:
+    losses: Tensor  # [B] per-pair loss, with grad
+    chosen_rewards: Tensor  # [B] beta * (policy - reference) log-probs of y_w, detached
+    rejected_rewards: Tensor  # [B] same for y_l, detached
+
+
+def preference_loss(
+    name: str,
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> PreferenceOutput:
+    """Per-pair loss `name` (a key of LOSSES) and the implicit rewards; all inputs [B], all outputs [B]."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; valid names: {', '.join(sorted(LOSSES))}")
+    logits = preference_logits(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+    )
+    return PreferenceOutput(
+        losses=LOSSES[name](logits, beta, label_smoothing),
+        chosen_rewards=implicit_rewards(policy_chosen_logps, reference_chosen_logps, beta),
+        rejected_rewards=implicit_rewards(policy_rejected_logps, reference_rejected_logps, beta),
+    )

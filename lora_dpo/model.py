@@ -1,0 +1,176 @@
+"""Tokenizer, base model (4-bit NF4 or 16/32-bit) and its LoRA adapter.
+
+One network serves as both models of DPO: with the adapter on it is the policy pi_theta, with the adapter
+off (peft's `disable_adapter()`) it is the reference pi_ref. A consumer GPU holds one 4-bit base, not two.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from .config import LoraConfig, ModelConfig
+from .errors import ConfigError
+
+# bitsandbytes warns on import that it cannot fetch an optional CPU kernel from the Hub; it falls back to its
+# own kernel, and the warning would only alarm users of an offline machine.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_model_name(name: str) -> str:
+    """`toy` is the offline toy model (built on first use); anything else is a Hub id or a local folder."""
+    if name == "toy":
+        from .toy import toy_model_path
+
+        return str(toy_model_path())
+    return name
+
+
+def compute_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    """The dtype the base model computes in. auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU
+    (bf16 matmuls on most CPUs are emulated and slower than fp32)."""
+    if cfg.dtype != "auto":
+        return _DTYPES[cfg.dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def four_bit_available(device: torch.device) -> str | None:
+    """None when 4-bit NF4 can run on `device`, else the reason it cannot."""
+    if device.type not in ("cuda", "cpu", "xpu"):
+        return f"bitsandbytes 4-bit does not run on {device.type}"
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken native library
+        return f"bitsandbytes is not usable here ({exc.__class__.__name__}: {exc})"
+    return None
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The model's tokenizer, right-padded, with a pad token (its EOS when it has none: padding is always
+    masked out, so the pad id never reaches a loss)."""
+    from transformers import AutoTokenizer
+
+    name = resolve_model_name(cfg.name)
+    try:
+        tok = AutoTokenizer.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model.name: cannot load a tokenizer from '{cfg.name}': {_first_line(exc)}") from None
+    if tok.eos_token_id is None:
+        raise ConfigError(f"model.name: the tokenizer of '{cfg.name}' has no EOS token; completions need one")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def disable_cpu_repacking(model: torch.nn.Module) -> int:
+    """Guard against a bitsandbytes 0.50 trap on CPUs with AVX512-BF16.
+
+    The first forward of a `Linear4bit` in eval mode without gradients (a reference pass, an evaluation, a
+    generation) repacks its weight for a CPU inference kernel that has no backward; from then on the layer
+    passes no gradient to its input, in train mode too, and every LoRA parameter upstream silently gets a
+    wrong gradient. Switching the repacking off costs a little CPU inference speed and nothing on GPUs.
+    Returns the number of layers guarded.
+    """
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except Exception:
+        return 0
+    n = 0
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+def load_base_model(cfg: ModelConfig, device: torch.device):
+    """The frozen base model, in 4-bit NF4 with double quantisation when asked and possible, else 16/32-bit."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    name = resolve_model_name(cfg.name)
+    dtype = compute_dtype(cfg, device)
+    kwargs = dict(revision=cfg.revision, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if cfg.quantization == "nf4":
+        reason = four_bit_available(device)
+        if reason is None:
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=cfg.double_quant,
+                bnb_4bit_compute_dtype=dtype,
+            )
+        else:
+            print(f"notice: 4-bit NF4 unavailable ({reason}); loading the base in {dtype}", file=sys.stderr)
+    if device.type == "cuda":
+        # quantised weights are placed as they load, never staged whole in CPU memory
+        kwargs["device_map"] = {"": device.index or 0}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model.name: cannot load a causal LM from '{cfg.name}': {_first_line(exc)}") from None
+    if device.type != "cuda" and "quantization_config" not in kwargs:
+        model.to(device)
+    disable_cpu_repacking(model)
+    model.requires_grad_(False)
+    model.config.use_cache = False  # the KV cache is for generation; training would only store it
+    return model
+
+
+def attach_lora(model, cfg: LoraConfig, gradient_checkpointing: bool):
+    """Wrap `model` in a peft LoRA adapter named `default`; only the adapter trains."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    if gradient_checkpointing:
+        # non-reentrant checkpointing needs no input that requires grad, so the frozen embeddings stay frozen
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, peft_cfg)
+    except ValueError as exc:
+        raise ConfigError(f"lora.target_modules: {_first_line(exc)}") from None
+
+
+def load_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig, device: torch.device):
+    """Base + fresh LoRA adapter: the policy, whose adapter-disabled self is the reference."""
+    base = load_base_model(model_cfg, device)
+    return attach_lora(base, lora_cfg, model_cfg.gradient_checkpointing)
+
+
+@contextlib.contextmanager
+def reference_model(model):
+    """Inside this block `model` is pi_ref: the adapter is off and no graph is built."""
+    with model.disable_adapter(), torch.no_grad():
+        yield model
+
+
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def save_adapter(model, tokenizer, folder: str | Path) -> None:
+    """Write the adapter in peft's format with the tokenizer files beside it."""
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or exc.__class__.__name__
+    return text.splitlines()[0]

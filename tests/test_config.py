@@ -1,0 +1,110 @@
+"""Recipes: YAML + dotted overrides, strict validation naming the dotted key, the resolved recipe saved."""
+
+import textwrap
+
+import pytest
+import yaml
+
+from lora_dpo.config import Recipe, load_recipe, parse_overrides, save_recipe
+from lora_dpo.errors import ConfigError
+
+MINIMAL = "output_dir: runs/x\nmodel:\n  name: some/model\ndata:\n  train: pairs.jsonl\n"
+
+
+@pytest.fixture
+def recipe_file(tmp_path):
+    def write(text=MINIMAL):
+        path = tmp_path / "r.yaml"
+        path.write_text(textwrap.dedent(text))
+        return path
+
+    return write
+
+
+def test_minimal_recipe_fills_defaults(recipe_file):
+    r = load_recipe(recipe_file())
+    assert isinstance(r, Recipe)
+    assert (r.model.name, r.data.train, r.loss.beta, r.lora.target_modules) == ("some/model", "pairs.jsonl", 0.1, "all-linear")
+
+
+def test_dotted_overrides_are_typed_from_yaml(recipe_file):
+    r = load_recipe(recipe_file(), ["train.lr=1e-4", "loss.beta=0.5", "train.batch_size=2",
+                                    "model.quantization=none", "lora.target_modules=[q_proj,v_proj]",
+                                    "data.max_prompt_length=null", "overwrite=true"])
+    assert r.train.lr == pytest.approx(1e-4)
+    assert r.loss.beta == 0.5 and r.train.batch_size == 2 and r.model.quantization == "none"
+    assert r.lora.target_modules == ["q_proj", "v_proj"]
+    assert r.overwrite is True
+
+
+def test_yaml_scientific_floats_read_as_numbers(recipe_file):
+    r = load_recipe(recipe_file(MINIMAL + "train:\n  lr: 5e-5\n"))
+    assert r.train.lr == pytest.approx(5e-5)
+
+
+def test_unknown_key_suggests_nearest_valid_key(recipe_file):
+    with pytest.raises(ConfigError, match=r"unknown key 'train.learning_rte'.*"):
+        load_recipe(recipe_file(), ["train.learning_rte=1e-4"])
+    with pytest.raises(ConfigError, match=r"unknown key 'loss.bta'; did you mean 'loss.beta'\?"):
+        load_recipe(recipe_file(), ["loss.bta=0.2"])
+    with pytest.raises(ConfigError, match=r"unknown key 'lorra'; did you mean 'lora'\?"):
+        load_recipe(recipe_file(MINIMAL + "lorra:\n  r: 8\n"))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("loss.beta=0", r"loss.beta: must be > 0, got 0"),
+        ("loss.beta=-1", r"loss.beta: must be > 0"),
+        ("train.lr=0", r"train.lr: must be > 0"),
+        ("data.max_length=1", r"data.max_length: must be >= 2, got 1"),
+        ("lora.r=0", r"lora.r: must be >= 1"),
+        ("loss.label_smoothing=0.5", r"loss.label_smoothing: must be in \[0, 0.5\)"),
+        ("train.batch_size=two", r"train.batch_size: expected an integer, got 'two'"),
+        ("train.batch_size=2.5", r"train.batch_size: expected an integer, got 2.5"),
+        ("model.gradient_checkpointing=maybe", r"model.gradient_checkpointing: expected true or false"),
+        ("loss.name=dpoo", r"loss.name: expected one of 'dpo', 'ipo', 'hinge', 'robust', got 'dpoo'"),
+        ("data.on_bad_rows=ignore", r"data.on_bad_rows: expected one of 'error', 'skip'"),
+        ("train.warmup_ratio=1", r"train.warmup_ratio: must be in \[0, 1\)"),
+    ],
+)
+def test_bad_values_name_the_dotted_key(recipe_file, override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_recipe(recipe_file(), [override])
+
+
+@pytest.mark.parametrize("missing, key", [("model:\n  name: m\n", "data.train"), ("data:\n  train: t\n", "model.name")])
+def test_missing_required_key_is_named(recipe_file, missing, key):
+    with pytest.raises(ConfigError, match=f"missing required key '{key}'"):
+        load_recipe(recipe_file("output_dir: o\n" + missing))
+
+
+def test_missing_output_dir_is_named(recipe_file):
+    with pytest.raises(ConfigError, match="missing required key 'output_dir'"):
+        load_recipe(recipe_file("model:\n  name: m\ndata:\n  train: t\n"))
+
+
+def test_section_given_a_scalar_is_an_error(recipe_file):
+    with pytest.raises(ConfigError, match="model: expected a mapping"):
+        load_recipe(recipe_file("output_dir: o\nmodel: llama\n"))
+
+
+def test_override_without_equals_is_an_error():
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        parse_overrides(["train.lr"])
+
+
+def test_missing_and_invalid_recipe_files(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_recipe(bad)
+
+
+def test_saved_recipe_reloads_to_the_same_recipe(recipe_file, tmp_path):
+    r = load_recipe(recipe_file(), ["train.lr=2e-4", "lora.target_modules=[q_proj]"])
+    save_recipe(r, tmp_path / "config.yaml")
+    assert load_recipe(tmp_path / "config.yaml") == r
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["lr"] == pytest.approx(2e-4)
