@@ -134,7 +134,10 @@ def attach_lora(model, cfg: LoraConfig, gradient_checkpointing: bool):
 
     if gradient_checkpointing:
         # non-reentrant checkpointing needs no input that requires grad, so the frozen embeddings stay frozen
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peft_cfg = PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,

@@ -1,0 +1,64 @@
+"""`lora-dpo` command line: thin; parses arguments and calls the modules that do the work.
+
+Exit codes: 0 success, 2 a bad recipe, bad data or bad arguments (one message, no traceback),
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import UserError
+
+EXAMPLES = """examples:
+  lora-dpo train recipes/toy.yaml
+  lora-dpo train recipes/qwen2.5-1.5b-8gb.yaml data.train=my_pairs.jsonl train.lr=1e-5
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lora-dpo",
+        description="DPO with a LoRA adapter on a 4-bit base model, on one small GPU.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    t = sub.add_parser("train", help="train an adapter with DPO from a YAML recipe")
+    t.add_argument("recipe", help="path to a YAML recipe (see recipes/)")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-4")
+    return p
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)  # argparse itself exits 2 on bad arguments
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no fork warnings from the tokenizers pool
+    try:
+        if args.command == "train":
+            from .config import load_recipe
+            from .trainer import train
+
+            train(load_recipe(args.recipe, args.overrides))
+    except UserError as exc:
+        print(f"lora-dpo: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lora-dpo: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,382 @@
+"""Preference data: load, recognise the format, normalise, tokenise, mask, truncate, collate.
+
+One normalised row is `{"prompt": str | list[message], "chosen": str, "rejected": str}` where a message is
+`{"role": ..., "content": ...}` and chosen/rejected are the text of one assistant reply. Recognising and
+normalising the formats lives in `formats.py`; this module turns rows into token ids and batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Union
+
+import torch
+from jinja2.exceptions import TemplateError  # jinja2 renders chat templates; torch depends on it
+
+from .config import DataConfig
+from .errors import DataError
+from .formats import RowError, detect_format, normalise_row
+
+if TYPE_CHECKING:
+    import datasets
+
+__all__ = [
+    "EncodedPair", "DataReport", "RowError", "load_rows", "detect_format", "normalise_row", "build_datasets",
+    "collate", "render_prompt", "encode_prompt", "encode_completion",
+]  # fmt: skip
+
+Message = dict
+Prompt = Union[str, list[Message]]
+
+# local file suffix -> the `datasets` builder that reads it (json also reads a top-level JSON array)
+_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+_COMPRESSED = {".gz", ".bz2", ".xz", ".zst", ".zip"}  # datasets decompresses these itself: data.jsonl.gz
+# suffixes that mark a string as a file path rather than a Hub id, so a missing one is reported as a file
+_FILE_SUFFIXES = set(_BUILDERS) | _COMPRESSED | {".txt", ".tsv", ".arrow", ".xlsx", ".yaml", ".yml"}
+_SHOWN_BAD_ROWS = 5  # malformed rows quoted in the error message; the rest are counted
+
+
+@dataclass
+class EncodedPair:
+    index: int  # row index in the source dataset split (0-based), for messages and caching
+    prompt: Prompt  # normalised prompt (system prompt applied), kept for generation
+    prompt_ids: list[int]  # rendered prompt, generation prompt included; cut from the left if too long
+    chosen_ids: list[int]  # completion tokens, ends with EOS unless truncated
+    rejected_ids: list[int]
+
+
+@dataclass
+class DataReport:
+    """What happened to the data. Counts cover every row read: training rows and an eval split alike."""
+
+    source: str  # data.train
+    rows_read: int
+    formats: dict[str, int]  # format -> rows
+    malformed: dict[str, int]  # reason -> rows skipped (on_bad_rows=skip; with error they raise instead)
+    dropped_for_length: int  # pairs that could not fit max_length, or whose difference was cut off
+    truncated_prompts: int
+    truncated_completions: int  # chosen and rejected counted separately
+    train_pairs: int
+    eval_pairs: int
+    max_length: Optional[int] = None
+    max_prompt_length: Optional[int] = None
+    eval_from: str = ""  # where the eval pairs came from, in words; their rows are counted above too
+
+    def summary(self) -> str:
+        """1-3 short lines for the terminal."""
+        fmts = ", ".join(self.formats if len(self.formats) == 1 else (f"{k}: {v}" for k, v in self.formats.items()))
+        bad = sum(self.malformed.values())
+        reasons = sorted(self.malformed.items(), key=lambda kv: -kv[1])
+        why = f" skipped ({'; '.join(f'{n}x {r}' for r, n in reasons[:3])}{'; ...' if len(reasons) > 3 else ''})"
+        lines = [
+            f"data: {self.rows_read} rows ({fmts}) from {self.source}, {bad} malformed{why if bad else ''}, "
+            f"{self.dropped_for_length} pairs dropped for length (max_length={self.max_length})"
+        ]
+        if self.truncated_prompts or self.truncated_completions:
+            lines.append(
+                f"      truncated: {self.truncated_prompts} prompts to their last {self.max_prompt_length} tokens, "
+                f"{self.truncated_completions} completions to fit max_length"
+            )
+        lines.append(f"      pairs: {self.train_pairs} train, {self.eval_pairs} eval ({self.eval_from or 'no eval'})")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------- tokenising
+
+
+def render_prompt(tokenizer, prompt: Prompt) -> str:
+    """The prompt as the model sees it at inference: chat template with the generation prompt when the
+    tokenizer has one (a plain-string prompt becomes one user message), else the plain text."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if isinstance(prompt, str):
+        return prompt
+    # no chat template: join the turns as plain text so the model still sees every turn
+    return "\n\n".join(f"{m['role']}: {m['content']}" for m in prompt) + "\n\nassistant: "
+
+
+def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
+    """Token ids of the rendered prompt. The template itself places BOS where the model wants it, so no
+    special tokens are added on top; without a template, BOS is prepended when the tokenizer has one."""
+    return _prompt_ids(tokenizer, [render_prompt(tokenizer, prompt)])[0]
+
+
+def encode_completion(tokenizer, text: str) -> list[int]:
+    """Token ids of one reply, then exactly one EOS (the end-of-turn token of chat models)."""
+    return _completion_ids(tokenizer, [text])[0]
+
+
+# Batched forms of the two above (one call into the Rust tokenizer for a whole dataset); the single-item
+# functions go through them so that training and generation cannot tokenise differently.
+def _prompt_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    if not texts:
+        return []
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if not getattr(tokenizer, "chat_template", None) and bos is not None:
+        ids = [x if x and x[0] == bos else [bos] + x for x in ids]
+    return ids
+
+
+def _completion_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no EOS token, so a completion cannot be ended; set tokenizer.eos_token")
+    out = []
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []:
+        while ids and ids[-1] == eos:  # a reply that already ends in EOS keeps one, not two
+            ids = ids[:-1]
+        out.append(ids + [eos])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- loading
+
+
+class _SplitError(DataError):
+    """The source exists but has no such split."""
+
+
+def _suffix(path: Path) -> str:
+    suffixes = [s.lower() for s in path.suffixes]
+    if len(suffixes) >= 2 and suffixes[-1] in _COMPRESSED:
+        return suffixes[-2]
+    return suffixes[-1] if suffixes else ""
+
+
+def _looks_like_path(source: str) -> bool:
+    # Hub ids are `name` or `owner/name`; anything else with a separator or a file suffix is meant as a path
+    return (
+        source.startswith((".", "/", "~"))
+        or "\\" in source
+        or source.count("/") > 1
+        or Path(source).suffix.lower() in _FILE_SUFFIXES
+    )
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _load_local(source: str, *args, **kwargs) -> "datasets.DatasetDict":
+    import datasets
+
+    try:
+        return datasets.load_dataset(*args, **kwargs)
+    except Exception as exc:  # a parse error deep inside datasets; the user needs the file and the reason
+        raise DataError(f"{source}: could not be read: {_first_line(exc)}") from None
+
+
+def _open_local(source: str) -> "datasets.DatasetDict | None":
+    """Every split of the toy data, a local file (split `train`) or folder; None for a Hub id."""
+    if source == "toy":
+        from .toy import toy_data_files
+
+        return _load_local(source, "json", data_files=toy_data_files())
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _load_local(source, str(path))
+    if path.is_file():
+        suffix = _suffix(path)
+        if suffix not in _BUILDERS:
+            raise DataError(f"{source}: unsupported file type '{suffix}'; use .json, .jsonl, .csv or .parquet")
+        return _load_local(source, _BUILDERS[suffix], data_files=str(path))
+    if _looks_like_path(source):
+        raise DataError(f"{source}: no such file or folder")
+    return None
+
+
+def _load_split(source: str, splits: tuple[str, ...]) -> tuple["datasets.Dataset", str]:
+    """The first of `splits` that `source` has, and its name."""
+    local = _open_local(source)
+    if local is not None:
+        for split in splits:
+            if split in local:
+                return local[split], split
+        raise _SplitError(f"{source}: no split '{splits[0]}'; available splits: {', '.join(local)}")
+    import datasets
+
+    for split in splits:
+        try:
+            return datasets.load_dataset(source, split=split), split
+        except ValueError as exc:
+            # datasets says: Unknown split "x". Should be one of ['train', 'test'].
+            if "Unknown split" not in str(exc):
+                raise DataError(f"{source}: could not be loaded: {_first_line(exc)}") from None
+            found = re.search(r"one of \[(.*)\]", str(exc))
+            available = found.group(1).replace("'", "") if found else "unknown"
+            missing = _SplitError(f"{source}: no split '{splits[0]}'; available splits: {available}")
+        except Exception as exc:  # network, authentication, typo: one message, no traceback
+            raise DataError(
+                f"could not load dataset '{source}' from the Hugging Face Hub (offline? a typo in the id? "
+                f"a local file that is not there?): {_first_line(exc)}"
+            ) from None
+    raise missing
+
+
+def load_rows(source: str, split: str) -> "datasets.Dataset":
+    """One split of a dataset: `toy`, a local .json/.jsonl/.csv/.parquet file (its only split is `train`),
+    a local folder, or a Hub dataset id. Raises DataError: missing file, unknown split (listing the
+    available ones), a Hub dataset that cannot be loaded."""
+    return _load_split(source, (split,))[0]
+
+
+# ------------------------------------------------------------------------------------------------ building
+
+
+def _truncate(p: list[int], c: list[int], r: list[int], max_length: int, max_prompt: int, bos):
+    """(prompt, chosen, rejected, prompt_cut, completions_cut), or None when the pair cannot fit."""
+    prompt_cut = len(p) > max_prompt
+    if prompt_cut:
+        # keep the end of the prompt (the question and the generation prompt); keep BOS, which models need
+        head = [bos] if bos is not None and p[0] == bos and max_prompt > 1 else []
+        p = head + p[len(p) - (max_prompt - len(head)) :]
+    budget = max_length - len(p)
+    if budget < 1:
+        return None
+    cuts = (len(c) > budget) + (len(r) > budget)
+    c, r = c[:budget], r[:budget]
+    if c == r:  # the difference was cut off: the pair no longer says which reply is better
+        return None
+    return p, c, r, prompt_cut, cuts
+
+
+def _encode_source(rows, label: str, cfg: DataConfig, tokenizer, report: DataReport) -> list[EncodedPair]:
+    """Normalise, validate, tokenise and truncate every row of one split; update `report`."""
+    if len(rows) == 0:
+        raise DataError(f"{label}: no rows")
+    records = rows.to_list()  # one conversion from Arrow; per-row indexing would decode row by row
+    try:
+        fmt = detect_format(rows.column_names, records[0])
+    except DataError as exc:
+        raise DataError(f"{label}: {exc}") from None
+    report.rows_read += len(records)
+    report.formats[fmt] = report.formats.get(fmt, 0) + len(records)
+
+    bad: list[tuple[int, str]] = []
+    kept = []  # (index, normalised row, rendered prompt)
+    for i, record in enumerate(records):
+        try:
+            row = normalise_row(record, fmt, cfg.system_prompt)
+            kept.append((i, row, render_prompt(tokenizer, row["prompt"])))
+        except RowError as exc:
+            bad.append((i, exc.reason))
+        except TemplateError as exc:  # templates raise on conversations they refuse, e.g. roles out of order
+            bad.append((i, f"the chat template rejected the prompt ({exc})"))
+    prompts = _prompt_ids(tokenizer, [text for _, _, text in kept])
+    chosen = _completion_ids(tokenizer, [row["chosen"] for _, row, _ in kept])
+    rejected = _completion_ids(tokenizer, [row["rejected"] for _, row, _ in kept])
+    for (i, _, _), p in zip(kept, prompts):
+        if not p:
+            bad.append((i, "prompt renders to no tokens"))
+    bad.sort()
+
+    if bad and cfg.on_bad_rows == "error":
+        shown = "; ".join(f"row {i}: {reason}" for i, reason in bad[:_SHOWN_BAD_ROWS])
+        more = f"; and {len(bad) - _SHOWN_BAD_ROWS} more" if len(bad) > _SHOWN_BAD_ROWS else ""
+        noun = "row" if len(bad) == 1 else "rows"
+        raise DataError(
+            f"{label}: {len(bad)} malformed {noun}: {shown}{more} (set data.on_bad_rows=skip to skip them)"
+        )
+    for _, reason in bad:
+        report.malformed[reason] = report.malformed.get(reason, 0) + 1
+
+    pairs = []
+    for (i, row, _), p, c, r in zip(kept, prompts, chosen, rejected):
+        if not p:
+            continue
+        cut = _truncate(p, c, r, cfg.max_length, report.max_prompt_length, tokenizer.bos_token_id)
+        if cut is None:
+            report.dropped_for_length += 1
+            continue
+        p, c, r, prompt_cut, completions_cut = cut
+        report.truncated_prompts += prompt_cut
+        report.truncated_completions += completions_cut
+        pairs.append(EncodedPair(index=i, prompt=row["prompt"], prompt_ids=p, chosen_ids=c, rejected_ids=r))
+    return pairs
+
+
+def _eval_is_split(name: str) -> bool:
+    # a bare word is a split of data.train, even if a folder of that name exists here (write ./name for that);
+    # a path, a file name, `toy` or an owner/name Hub id is another dataset
+    return name != "toy" and "/" not in name and not _looks_like_path(name)
+
+
+def build_datasets(cfg: DataConfig, tokenizer, seed: int) -> tuple[list[EncodedPair], list[EncodedPair], DataReport]:
+    """Training pairs, eval pairs and a report, from `cfg` (see `DataConfig`).
+
+    `cfg.eval` is a split name of `cfg.train`, or another dataset (a file or Hub id, read from its `test`
+    split when it has one, else `train`); when None, `cfg.eval_fraction` of the kept training pairs is held
+    out by a shuffle seeded with `seed`. Raises DataError for anything the user must fix.
+    """
+    max_prompt = cfg.max_prompt_length or cfg.max_length // 2
+    report = DataReport(
+        source=cfg.train, rows_read=0, formats={}, malformed={}, dropped_for_length=0, truncated_prompts=0,
+        truncated_completions=0, train_pairs=0, eval_pairs=0, max_length=cfg.max_length,
+        max_prompt_length=max_prompt,
+    )  # fmt: skip
+    rows = load_rows(cfg.train, cfg.train_split)
+    if cfg.max_rows is not None and cfg.max_rows < len(rows):
+        rows = rows.select(range(cfg.max_rows))
+    train = _encode_source(rows, cfg.train, cfg, tokenizer, report)
+    if not train:
+        bad = sum(report.malformed.values())
+        hint = " (raise data.max_length or data.max_prompt_length)" if report.dropped_for_length else ""
+        raise DataError(
+            f"{cfg.train}: no training pairs left: {bad} malformed rows skipped, {report.dropped_for_length} "
+            f"pairs dropped for length (max_length={cfg.max_length}, max_prompt_length={max_prompt}){hint}"
+        )
+
+    evals: list[EncodedPair] = []
+    if cfg.eval is not None:
+        if _eval_is_split(cfg.eval):
+            rows, label = load_rows(cfg.train, cfg.eval), f"{cfg.train} [{cfg.eval}]"
+        else:
+            rows, split = _load_split(cfg.eval, ("test", "train"))
+            label = f"{cfg.eval} [{split}]"
+        report.eval_from = f"from {label}"
+        evals = _encode_source(rows, label, cfg, tokenizer, report)
+        if not evals:
+            raise DataError(f"{label}: no eval pairs left after skipping malformed rows and dropping long pairs")
+    elif cfg.eval_fraction > 0 and len(train) >= 2:
+        n_eval = min(len(train) - 1, max(1, round(cfg.eval_fraction * len(train))))
+        order = list(range(len(train)))
+        random.Random(seed).shuffle(order)
+        held = set(order[:n_eval])
+        evals = [p for k, p in enumerate(train) if k in held]
+        train = [p for k, p in enumerate(train) if k not in held]
+        report.eval_from = f"{cfg.eval_fraction:g} of train held out, seed {seed}"
+    report.train_pairs, report.eval_pairs = len(train), len(evals)
+    return train, evals, report
+
+
+def collate(pairs: list[EncodedPair], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad B pairs into one batch of 2B sequences for a single concatenated forward.
+
+    Returns `input_ids` [2B, T] long (rows 0..B-1 prompt+chosen, rows B..2B-1 prompt+rejected, right-padded
+    with `pad_id`, T = longest sequence), `attention_mask` [2B, T] long, `loss_mask` [2B, T] bool (True exactly
+    at completion tokens, EOS included) and `index` [B] long.
+    """
+    halves = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    width = max((len(prompt) + len(reply) for prompt, reply in halves), default=0)
+    ids, attention, loss = [], [], []
+    for prompt, reply in halves:
+        pad = width - len(prompt) - len(reply)
+        ids.append(prompt + reply + [pad_id] * pad)
+        attention.append([1] * (len(prompt) + len(reply)) + [0] * pad)
+        loss.append([False] * len(prompt) + [True] * len(reply) + [False] * pad)
+    return {
+        "input_ids": torch.tensor(ids, dtype=torch.long).reshape(len(halves), width),
+        "attention_mask": torch.tensor(attention, dtype=torch.long).reshape(len(halves), width),
+        "loss_mask": torch.tensor(loss, dtype=torch.bool).reshape(len(halves), width),
+        "index": torch.tensor([p.index for p in pairs], dtype=torch.long),
+    }

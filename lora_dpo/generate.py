@@ -1,0 +1,105 @@
+"""Sample from the policy (adapter on) or the reference (adapter off) for the same prompts, and score a
+response by its implicit DPO reward beta * (log pi_theta(y|x) - log pi_ref(y|x))."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from typing import Callable, Sequence
+
+import torch
+
+from .data import Prompt, encode_completion, encode_prompt
+from .errors import ConfigError
+from .logps import sequence_logps
+from .model import reference_model
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[Prompt],
+    *,
+    adapter: bool = True,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> list[str]:
+    """One sampled response per prompt, from the policy (`adapter=True`) or the reference (`adapter=False`).
+
+    temperature 0 decodes greedily. Sampling draws from a forked RNG seeded with `seed`, so the training
+    RNG stream is untouched and the same seed gives the same samples with the adapter on or off.
+    """
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    out: list[str] = []
+    adapter_ctx = contextlib.nullcontext() if adapter else model.disable_adapter()
+    with _eval_mode(model), adapter_ctx, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for start in range(0, len(prompts), batch_size):
+            encoded = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
+            width = max(len(e) for e in encoded)
+            # left padding: every prompt ends at the same column, where generation starts
+            ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)
+            attn = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
+            sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else {}
+            new = model.generate(
+                input_ids=ids,
+                attention_mask=attn,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad,
+                eos_token_id=tokenizer.eos_token_id,
+                use_cache=True,
+                do_sample=False,
+                **sampling,
+            )[:, width:]
+            out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    return [text.strip() for text in out]
+
+
+@torch.no_grad()
+def implicit_rewards(model, tokenizer, prompts: Sequence[Prompt], responses: Sequence[str], beta: float) -> list[float]:
+    """beta * (log pi_theta(y|x) - log pi_ref(y|x)) for each (prompt, response), summed over response tokens."""
+    device = next(model.parameters()).device
+    rows = [(encode_prompt(tokenizer, p), encode_completion(tokenizer, r)) for p, r in zip(prompts, responses)]
+    width = max(len(p) + len(c) for p, c in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    for i, (p, c) in enumerate(rows):
+        ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+        attn[i, : len(p) + len(c)] = 1
+        mask[i, len(p) : len(p) + len(c)] = True
+    ids, attn, mask = ids.to(device), attn.to(device), mask.to(device)
+    with _eval_mode(model):
+        policy = sequence_logps(model, ids, attn, mask).sums
+        with reference_model(model):
+            reference = sequence_logps(model, ids, attn, mask).sums
+    return (beta * (policy - reference)).tolist()
+
+
+def load_scorer(spec: str) -> Callable[[str], float]:
+    """`module:function` -> the function; a bad spec is a ConfigError naming `eval.scorer`."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"eval.scorer: expected 'module:function', got {spec!r}")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"eval.scorer: cannot import {spec!r}: {exc}") from None
+    if not callable(fn):
+        raise ConfigError(f"eval.scorer: {spec!r} is not callable")
+    return fn
