@@ -27,9 +27,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    t = sub.add_parser("train", help="train an adapter with DPO from a YAML recipe")
+    t = sub.add_parser("train", help="train an adapter with DPO from a YAML recipe",
+                       description="Train; Ctrl-C or SIGTERM saves a checkpoint and exits 130; resume=true continues.")
     t.add_argument("recipe", help="path to a YAML recipe (see recipes/)")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-4")
+    d = sub.add_parser("data", help="check a recipe's data and print its report, without loading the model")
+    d.add_argument("recipe", help="path to a YAML recipe")
+    d.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. data.train=pairs.jsonl")
+    d.add_argument("--json", action="store_true", help="print the report as JSON")
+    from .export import add_parser as add_export_parser
+
+    add_export_parser(sub)
     return p
 
 
@@ -45,17 +53,34 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)  # argparse itself exits 2 on bad arguments
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no fork warnings from the tokenizers pool
+    from .stopping import Interrupted
+
     try:
         if args.command == "train":
             from .config import load_recipe
             from .trainer import train
 
             train(load_recipe(args.recipe, args.overrides))
+        elif args.command == "data":
+            import json
+
+            from .config import load_recipe
+            from .data import inspect_data
+
+            report = inspect_data(load_recipe(args.recipe, args.overrides))
+            print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
+        elif args.command == "export":
+            from .export import run
+
+            return run(args)
     except UserError as exc:
         print(f"lora-dpo: error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(f"lora-dpo: {exc}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
-        print("lora-dpo: interrupted", file=sys.stderr)
+        print("lora-dpo: interrupted at once; the last checkpoint is the newest complete one", file=sys.stderr)
         return 130
     return 0
 

@@ -80,6 +80,10 @@ class TrainConfig:
     log_every: int = 1  # optimizer steps between metrics.jsonl rows
     eval_every: Optional[int] = None  # optimizer steps between evaluations; None: only at the end
     seed: int = 42  # seeds python, numpy and torch; CPU runs are deterministic for a given seed
+    save_every: Optional[int] = 100  # optimizer steps between checkpoints (and one at the end); None: only at the end
+    keep_last: Optional[int] = 2  # checkpoints kept on disk, newest first; None keeps all
+    max_nonfinite_steps: int = 3  # consecutive steps with a NaN/inf loss or gradient (each skipped) that stop the run
+    report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)  # trackers via accelerate, off by default
 
 
 @dataclass
@@ -96,6 +100,7 @@ class EvalConfig:
 class Recipe:
     output_dir: str = REQUIRED  # run directory: config.yaml, metrics.jsonl, adapter/, eval.json
     overwrite: bool = False  # replace a finished or failed run already in output_dir (else refuse: nothing is lost)
+    resume: Union[bool, str] = False  # true: continue from the newest complete checkpoint in output_dir; or a checkpoint folder
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -125,6 +130,9 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.max_grad_norm": (lambda v: v >= 0, ">= 0"),
     "train.log_every": (lambda v: v >= 1, ">= 1"),
     "train.eval_every": (lambda v: v is None or v >= 1, ">= 1"),
+    "train.save_every": (lambda v: v is None or v >= 1, ">= 1"),
+    "train.keep_last": (lambda v: v is None or v >= 1, ">= 1"),
+    "train.max_nonfinite_steps": (lambda v: v >= 1, ">= 1"),
     "eval.batch_size": (lambda v: v >= 1, ">= 1"),
     "eval.max_pairs": (lambda v: v is None or v >= 1, ">= 1"),
     "eval.num_prompts": (lambda v: v >= 0, ">= 0"),

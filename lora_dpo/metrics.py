@@ -45,6 +45,27 @@ class PairStats:
         self._kl_num += float(kl_num)
         self._kl_den += float(kl_den)
 
+    def merge(self, other: "PairStats") -> None:
+        self.pairs += other.pairs
+        self.tokens += other.tokens
+        for key, value in other._sums.items():
+            self._sums[key] = self._sums.get(key, 0.0) + value
+        self._kl_num += other._kl_num
+        self._kl_den += other._kl_den
+
+    def state(self) -> dict:
+        """Plain numbers that `from_state` turns back into the same window (for checkpoints)."""
+        return {"pairs": self.pairs, "tokens": self.tokens, "sums": dict(self._sums),
+                "kl_num": self._kl_num, "kl_den": self._kl_den}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "PairStats":
+        stats = cls()
+        if state:
+            stats.pairs, stats.tokens, stats._sums = state["pairs"], state["tokens"], dict(state["sums"])
+            stats._kl_num, stats._kl_den = state["kl_num"], state["kl_den"]
+        return stats
+
     def means(self) -> dict[str, float]:
         out = {key: total / max(self.pairs, 1) for key, total in self._sums.items()}
         out["kl"] = self._kl_num / max(self._kl_den, 1.0)

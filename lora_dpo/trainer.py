@@ -6,10 +6,9 @@ reference log-probs once, then runs the optimizer steps and writes the run direc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -20,41 +19,20 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .config import Recipe, save_recipe
+from . import rundir
+from .checkpoint import TrainerState, complete_checkpoints, find_resume_checkpoint, load_checkpoint, save_checkpoint
+from .config import Recipe, save_recipe, to_dict
 from .data import EncodedPair, build_datasets, collate
-from .errors import ConfigError
+from .errors import ConfigError, UserError
 from .generate import generate, load_scorer
 from .logps import sequence_logps
 from .losses import LENGTH_NORMALIZED_BY_DEFAULT, preference_loss
 from .metrics import MetricsLog, PairStats, peak_memory_gb
 from .model import load_policy, load_tokenizer, reference_model, save_adapter, trainable_parameters
-
-RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "adapter", "eval.json")
-
+from .stopping import Interrupted, StopRequest
 
 def log(msg: str) -> None:
     tqdm.write(msg, file=sys.stderr)
-
-
-def prepare_run_dir(recipe: Recipe) -> Path:
-    """Refuse to write over an existing run unless the recipe says overwrite=true, so nothing is lost."""
-    out = Path(recipe.output_dir)
-    existing = [name for name in RUN_OUTPUTS if (out / name).exists()]
-    if existing and not recipe.overwrite:
-        raise ConfigError(
-            f"output_dir: {out} already holds a run ({', '.join(existing)}); "
-            "choose another output_dir or set overwrite=true"
-        )
-    return out
-
-
-def clear_run_dir(out: Path) -> None:
-    for name in RUN_OUTPUTS:
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
 
 
 def batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -156,9 +134,20 @@ def make_optimizer(recipe: Recipe, params):
 
 
 def train(recipe: Recipe) -> dict:
-    """Run DPO as the recipe says; return the final evaluation (also written to eval.json)."""
+    """Run DPO as the recipe says; return the final evaluation (also written to eval.json).
+
+    Raises `Interrupted` after a safe stop (checkpoint written) and `UserError` for what the user can fix."""
     t = recipe.train
-    out = prepare_run_dir(recipe)
+    out = Path(recipe.output_dir)
+    resume_from = None
+    if recipe.resume:
+        resume_from = find_resume_checkpoint(out, recipe.resume)
+        if resume_from is None:
+            log(f"notice: no complete checkpoint in {out / 'checkpoints'}; starting from scratch")
+    if resume_from is None:
+        rundir.check_fresh(out, recipe.overwrite or bool(recipe.resume))
+    else:
+        _check_same_recipe(recipe, out / "config.yaml")
     if recipe.eval.scorer:
         load_scorer(recipe.eval.scorer)  # a bad scorer is a recipe error, reported before the model loads
     set_seed(t.seed)
@@ -170,18 +159,17 @@ def train(recipe: Recipe) -> dict:
     if recipe.eval.max_pairs:
         eval_pairs = eval_pairs[: recipe.eval.max_pairs]
 
-    # 2. Device, precision, model.
+    # 2. Device, precision, trackers, model.
     device = PartialState().device  # the process's device, known before the precision is chosen
     accelerator = Accelerator(
-        mixed_precision=mixed_precision(recipe, device.type), gradient_accumulation_steps=t.grad_accum
+        mixed_precision=mixed_precision(recipe, device.type),
+        gradient_accumulation_steps=t.grad_accum,
+        log_with=list(t.report_to) or None,
+        project_dir=str(out),
     )
-    model = load_policy(recipe.model, recipe.lora, device)
     if t.optimizer == "paged_adamw_8bit":
-        make_optimizer(recipe, [])  # fail now, not after the reference pass
-    out.mkdir(parents=True, exist_ok=True)
-    clear_run_dir(out)
-    save_recipe(recipe, out / "config.yaml")
-    (out / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+        make_optimizer(recipe, [])  # fail now, not after the model has loaded
+    model = load_policy(recipe.model, recipe.lora, device)
 
     # 3. Schedule: optimizer steps from epochs (or max_steps); warmup then decay.
     micro_per_epoch = math.ceil(len(train_pairs) / t.batch_size)
@@ -197,76 +185,208 @@ def train(recipe: Recipe) -> dict:
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     pad_id = tokenizer.pad_token_id
 
-    # 4. Reference log-probs, once; and the baseline: before training the policy *is* the reference
-    #    (LoRA's B starts at zero), so its eval metrics follow from the reference alone.
-    ref_train = reference_logps(model, train_pairs, recipe.eval.batch_size, pad_id, device) if t.precompute_reference else None
-    ref_eval = reference_logps(model, eval_pairs, recipe.eval.batch_size, pad_id, device)
-    baseline = evaluate(recipe, model, eval_pairs, ref_eval, pad_id, device) if eval_pairs else {}
-    behaviour_before = behaviour_score(recipe, model, tokenizer, eval_pairs, adapter=False)
-    if behaviour_before is not None:
-        baseline["behaviour"] = behaviour_before
-        log(f"behaviour score of the reference model: {behaviour_before:.3f}")
+    # 4. A fresh run writes its record; a resumed one restores its state and drops rows logged after it.
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, optimizer, scheduler, accelerator.scaler)
+        rundir.truncate_metrics(out / "metrics.jsonl", state.step)
+        log(f"resuming from {resume_from} (step {state.step} of {total_steps})")
+    else:
+        state = TrainerState()
+        out.mkdir(parents=True, exist_ok=True)
+        rundir.clear(out)
+        save_recipe(recipe, out / "config.yaml")
+        (out / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+        fingerprints = {"train": rundir.data_fingerprint(train_pairs, recipe.model.name),
+                        "eval": rundir.data_fingerprint(eval_pairs, recipe.model.name)}
+        (out / "run_info.json").write_text(json.dumps(rundir.run_info(device, fingerprints), indent=2))
+    if t.report_to:
+        accelerator.init_trackers("lora-dpo", config=_flat(to_dict(recipe)))
 
-    # 5. The loop. One micro-batch = batch_size pairs; one optimizer step = grad_accum micro-batches.
-    metrics = MetricsLog(out / "metrics.jsonl")
-    log(f"training: {len(train_pairs)} pairs, {total_steps} steps of {t.batch_size * t.grad_accum} pairs, on {device}")
-    bar = tqdm(total=total_steps, desc="dpo", dynamic_ncols=True, file=sys.stderr)
-    step, micro, epoch = 0, 0, 0
-    stats, window_start = PairStats(), time.perf_counter()
-    model.train()
-    while step < total_steps:
-        for positions in batches(len(train_pairs), t.batch_size, t.seed, epoch):
-            batch = _to(collate([train_pairs[i] for i in positions], pad_id), device)
-            ref = ref_train[positions] if ref_train is not None else None
-            with accelerator.accumulate(model):
-                loss = pair_losses(recipe, model, batch, ref, stats)
-                accelerator.backward(loss)
-                grad_norm = None
-                if accelerator.sync_gradients:
+    with _out_of_memory_advice(), StopRequest() as stop:
+        # 5. Reference log-probs, once; and the baseline: before training the policy *is* the reference
+        #    (LoRA's B starts at zero), so its eval metrics are those of the reference model.
+        ref_train = None
+        if t.precompute_reference:
+            ref_train = reference_logps(model, train_pairs, recipe.eval.batch_size, pad_id, device)
+        ref_eval = reference_logps(model, eval_pairs, recipe.eval.batch_size, pad_id, device)
+        if resume_from is None:
+            state.baseline = evaluate(recipe, model, eval_pairs, ref_eval, pad_id, device) if eval_pairs else {}
+            before = behaviour_score(recipe, model, tokenizer, eval_pairs, adapter=False)
+            if before is not None:
+                state.baseline["behaviour"] = before
+                log(f"behaviour score of the reference model: {before:.3f}")
+        if stop.requested:
+            raise Interrupted("stopped before the first step; nothing to save")
+
+        # 6. The loop. One micro-batch = batch_size pairs; one optimizer step = grad_accum micro-batches.
+        #    The data order is a function of (seed, epoch), so the position (epoch, batch) resumes it.
+        metrics = MetricsLog(out / "metrics.jsonl")
+        log(f"training: {len(train_pairs)} pairs, {total_steps} steps of {t.batch_size * t.grad_accum} pairs, on {device}")
+        bar = tqdm(total=total_steps, initial=state.step, desc="dpo", dynamic_ncols=True, file=sys.stderr)
+        window, step_stats = PairStats.from_state(state.window), PairStats()
+        window_start, nonfinite_in_a_row, finite = time.perf_counter(), 0, True
+        model.train()
+        while state.step < total_steps:
+            epoch_batches = batches(len(train_pairs), t.batch_size, t.seed, state.epoch)
+            for positions in epoch_batches[state.batch_in_epoch :]:
+                state.batch_in_epoch += 1
+                state.micro += 1
+                batch = _to(collate([train_pairs[i] for i in positions], pad_id), device)
+                ref = ref_train[positions] if ref_train is not None else None
+                with accelerator.accumulate(model):
+                    loss = pair_losses(recipe, model, batch, ref, step_stats)
+                    finite = finite and bool(torch.isfinite(loss))
+                    accelerator.backward(loss)
+                    if not accelerator.sync_gradients:
+                        continue
                     clip = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
                     grad_norm = float(accelerator.clip_grad_norm_(params, clip))
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            micro += 1
-            if grad_norm is None:
-                continue
-            step += 1
-            bar.update(1)
-            if step % t.log_every == 0 or step == total_steps:
-                elapsed = time.perf_counter() - window_start
-                row = {"step": step, "epoch": micro / micro_per_epoch, "split": "train", **stats.means()}
-                row.update(lr=scheduler.get_last_lr()[0], grad_norm=grad_norm, pairs_per_s=stats.pairs / elapsed,
-                           tokens_per_s=stats.tokens / elapsed, peak_memory_gb=peak_memory_gb(device))
-                metrics.write(row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}",
-                                margin=f"{row['rewards/margins']:.3f}", refresh=False)
-                stats, window_start = PairStats(), time.perf_counter()
-            if t.eval_every and step % t.eval_every == 0 and step < total_steps and eval_pairs:
-                row = evaluate(recipe, model, eval_pairs, ref_eval, pad_id, device)
-                metrics.write({"step": step, "epoch": micro / micro_per_epoch, "split": "eval", **row})
-                model.train()
-            if step >= total_steps:
-                break
-        epoch += 1
-    bar.close()
+                    finite = finite and math.isfinite(grad_norm)
+                    if finite:  # a NaN/inf step is skipped: the adapter keeps its last good weights
+                        optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
 
-    # 6. Final evaluation, adapter, eval.json.
-    final = {"step": step, "split": "eval", "pairs": len(eval_pairs)}
-    if eval_pairs:
-        final.update(evaluate(recipe, model, eval_pairs, ref_eval, pad_id, device))
-        metrics.write({"step": step, "epoch": micro / micro_per_epoch, "split": "eval",
-                       **{k: v for k, v in final.items() if k not in ("split", "pairs", "step")}})
-    behaviour_after = behaviour_score(recipe, model, tokenizer, eval_pairs, adapter=True)
-    if behaviour_after is not None:
-        final["behaviour"] = behaviour_after
-    final["baseline"] = baseline
-    metrics.close()
-    model = accelerator.unwrap_model(model)
-    _atomic_dir(out / "adapter", lambda tmp: save_adapter(model, tokenizer, tmp))
-    _atomic_text(out / "eval.json", json.dumps(final, indent=2))
+                # -- an optimizer step is complete --
+                state.step += 1
+                bar.update(1)
+                if finite:
+                    window.merge(step_stats)
+                    nonfinite_in_a_row = 0
+                else:
+                    state.skipped_steps += 1
+                    nonfinite_in_a_row += 1
+                    log(f"step {state.step}: non-finite loss or gradient norm; step skipped")
+                    if nonfinite_in_a_row >= t.max_nonfinite_steps:
+                        raise _diverged(state, out)
+                step_stats, finite = PairStats(), True
+                epoch_f = state.micro / micro_per_epoch
+                if state.step % t.log_every == 0 or state.step == total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    row = {"step": state.step, "epoch": epoch_f, "split": "train"}
+                    if window.pairs:  # a window of skipped steps only has no numbers to report
+                        row.update(window.means(), grad_norm=grad_norm)
+                    row.update(lr=scheduler.get_last_lr()[0], pairs_per_s=window.pairs / elapsed,
+                               tokens_per_s=window.tokens / elapsed, peak_memory_gb=peak_memory_gb(device),
+                               skipped_steps=state.skipped_steps)
+                    metrics.write(row)
+                    accelerator.log(_numeric(row), step=state.step)
+                    if window.pairs:
+                        bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}",
+                                        margin=f"{row['rewards/margins']:.3f}", refresh=False)
+                    window, window_start = PairStats(), time.perf_counter()
+                    if state.step % (10 * t.log_every) == 0:
+                        _refresh_plots(out)
+                if t.eval_every and state.step % t.eval_every == 0 and state.step < total_steps and eval_pairs:
+                    row = {"step": state.step, "epoch": epoch_f, "split": "eval",
+                           **evaluate(recipe, model, eval_pairs, ref_eval, pad_id, device)}
+                    metrics.write(row)
+                    accelerator.log({f"eval/{k}": v for k, v in _numeric(row).items()}, step=state.step)
+                    _refresh_plots(out)
+                    model.train()
+                periodic = t.save_every and state.step % t.save_every == 0 and not nonfinite_in_a_row
+                if periodic or stop.requested:  # (no periodic checkpoint in a NaN streak: keep the last good one)
+                    state.window = window.state()
+                    path = save_checkpoint(out, state, model, optimizer, scheduler, accelerator.scaler, t.keep_last)
+                    if stop.requested:
+                        bar.close()
+                        metrics.close()
+                        raise Interrupted(f"stopped at step {state.step} on {stop.requested}; "
+                                          f"resume with: lora-dpo train {out / 'config.yaml'} resume=true  ({path})")
+                if state.step >= total_steps:
+                    break
+            else:  # the epoch is exhausted: the next one starts from its first batch
+                state.epoch += 1
+                state.batch_in_epoch = 0
+        bar.close()
+
+        # 7. Final evaluation, checkpoint, adapter, eval.json, plots.
+        final = {"step": state.step, "split": "eval", "pairs": len(eval_pairs), "skipped_steps": state.skipped_steps}
+        if eval_pairs:
+            row = evaluate(recipe, model, eval_pairs, ref_eval, pad_id, device)
+            final.update(row)
+            metrics.write({"step": state.step, "epoch": state.micro / micro_per_epoch, "split": "eval", **row})
+        after = behaviour_score(recipe, model, tokenizer, eval_pairs, adapter=True)
+        if after is not None:
+            final["behaviour"] = after
+        final["baseline"] = state.baseline
+        metrics.close()
+        state.window = PairStats().state()
+        save_checkpoint(out, state, model, optimizer, scheduler, accelerator.scaler, t.keep_last)
+    accelerator.end_training()
+    unwrapped = accelerator.unwrap_model(model)
+    rundir.atomic_dir(out / "adapter", lambda tmp: save_adapter(unwrapped, tokenizer, tmp))
+    rundir.atomic_text(out / "eval.json", json.dumps(final, indent=2))
+    _refresh_plots(out)
     log(_summary(final, out))
     return final
+
+
+# Keys a resumed run may change: how long it trains and what it records, not what it computes.
+RESUMABLE_CHANGES = {"resume", "overwrite", "train.epochs", "train.max_steps", "train.eval_every", "train.save_every",
+                     "train.keep_last", "train.log_every", "train.report_to"}
+
+
+def _check_same_recipe(recipe: Recipe, saved_path: Path) -> None:
+    """A resumed run must compute what the interrupted one computed; refuse other changes by name."""
+    from .config import load_recipe
+
+    saved, now = _flat(to_dict(load_recipe(saved_path))), _flat(to_dict(recipe))
+    changed = sorted(k for k in now if now[k] != saved.get(k) and k not in RESUMABLE_CHANGES)
+    if changed:
+        raise ConfigError(
+            f"resume: the recipe differs from the run's {saved_path} in {', '.join(changed)}; "
+            "a resumed run must train the same way (start a new output_dir to change them)"
+        )
+
+
+def _diverged(state: TrainerState, out: Path) -> UserError:
+    done = complete_checkpoints(out)
+    kept = f"the last good checkpoint is kept: {done[-1]}" if done else "no checkpoint was written yet"
+    return UserError(
+        f"training stopped at step {state.step}: the loss or gradient norm was NaN/inf in "
+        f"{state.skipped_steps} step(s), the last ones in a row. Likely causes: a learning rate too high "
+        "(train.lr), fp16 overflow (model.dtype=bf16 or fp32), or bad rows in the data (lora-dpo data RECIPE). "
+        f"{kept}"
+    )
+
+
+@contextlib.contextmanager
+def _out_of_memory_advice():
+    """Turn a CUDA out-of-memory error into the recipe keys that reduce memory."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(
+            "out of GPU memory. Reduce train.batch_size (raise train.grad_accum to keep the pairs per step), "
+            "lower data.max_length / data.max_prompt_length, keep model.gradient_checkpointing=true, "
+            "use model.quantization=nf4, or lower lora.r"
+        ) from None
+
+
+def _refresh_plots(out: Path) -> None:
+    """Plots are a view of metrics.jsonl; failing to draw them (a full disk, say) must not end a run."""
+    from .plots import write_plots
+
+    try:
+        write_plots(out)
+    except Exception as exc:  # noqa: BLE001 - any plotting failure is reported and training goes on
+        log(f"warning: could not refresh plots in {out / 'plots'}: {exc}")
+
+
+def _numeric(row: dict) -> dict:
+    return {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """Nested recipe -> {"train.lr": ...} with values trackers accept (lists become strings)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
 
 
 def _summary(final: dict, out: Path) -> str:
@@ -277,20 +397,3 @@ def _summary(final: dict, out: Path) -> str:
     if "behaviour" in final:
         parts.append(f"behaviour {base.get('behaviour', float('nan')):.3f} -> {final['behaviour']:.3f}")
     return "; ".join(parts)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _atomic_dir(path: Path, write) -> None:
-    """Write a folder next to its final place, then rename it there: a reader never sees half of it."""
-    tmp = path.with_name(path.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    write(tmp)
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)

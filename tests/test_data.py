@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from lora_dpo.config import DataConfig
+from lora_dpo.config import DataConfig, ModelConfig, Recipe
 from lora_dpo.data import (
     DataReport,
     EncodedPair,
@@ -26,8 +26,11 @@ from lora_dpo.data import (
     detect_format,
     encode_completion,
     encode_prompt,
+    inspect_data,
+    length_stats,
     load_rows,
     normalise_row,
+    percentile,
 )
 from lora_dpo.errors import DataError
 
@@ -624,7 +627,7 @@ def test_report_to_dict_and_summary(tmp_path, tok_chatml):
     assert (d["rows_read"], d["train_pairs"], d["eval_pairs"], d["dropped_for_length"]) == (2, 2, 0, 0)
     summary = report.summary()
     assert summary.startswith(f"data: 2 rows (standard) from {path}, 0 malformed, 0 pairs dropped for length")
-    assert 1 <= len(summary.splitlines()) <= 3
+    assert 2 <= len(summary.splitlines()) <= 4
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "dpo_en_demo.json").is_file(), reason="shared demo data not present")
@@ -641,3 +644,200 @@ def test_real_sharegpt_demo_file_loads_with_multi_turn_prompts(tok_chatml):
         assert roles[-1] == "user" and roles[1] == "assistant"  # user, assistant, ..., user
         # the earlier turns are in the tokens the model sees
         assert pair.prompt[1]["content"][-20:] in tok_chatml.decode(pair.prompt_ids)
+
+
+# ------------------------------------------------------------------------------------------- data report
+# With tok_plain (no chat template, no BOS) "Z" and "X" are single tokens that the tiny BPE never merges (no Z
+# or X in its corpus), so a prompt of n letters is n tokens and a completion of n letters n + 1 (its EOS).
+
+
+def z(n: int) -> str:
+    return "Z" * n
+
+
+def x(n: int) -> str:
+    return "X" * n
+
+
+def test_z_and_x_letters_are_one_token_each(tok_plain):  # the premise of the report tests below
+    assert encode_prompt(tok_plain, z(5)) == [tok_plain.convert_tokens_to_ids("Z")] * 5
+    assert len(encode_prompt(tok_plain, x(2))) == 2
+    assert len(encode_completion(tok_plain, z(10) + "X")) == 12
+
+
+# row: prompt P letters, chosen C, rejected R -> tokens P, C + 1, R + 1; "sequence" = P + max(C, R) + 1
+REPORT_ROWS = [
+    {"prompt": z(2), "chosen": z(3), "rejected": x(1)},  # 0: 2, 4, 2, seq 6; chosen longer
+    {"prompt": z(4), "chosen": z(5), "rejected": x(2)},  # 1: 4, 6, 3, seq 10; chosen longer
+    {"prompt": z(2), "chosen": z(3), "rejected": x(1)},  # 2: a duplicate of row 0
+    {"prompt": z(1), "chosen": "", "rejected": x(1)},  # 3: malformed (chosen is empty), skipped, not measured
+    {"prompt": z(6), "chosen": z(2), "rejected": x(2)},  # 4: 6, 3, 3, seq 9; equal length
+    {"prompt": z(3), "chosen": z(1), "rejected": x(4)},  # 5: 3, 2, 5, seq 8; rejected longer
+    # 6: 2, 13, 12, seq 15; chosen longer; the budget of 12 - 2 = 10 cuts both to Z*10: identical, dropped
+    {"prompt": z(2), "chosen": z(12), "rejected": z(10) + "X"},
+    {"prompt": z(5), "chosen": z(4), "rejected": x(6)},  # 7: 5, 5, 7, seq 12 = max_length: fits whole
+]
+# the 7 valid rows (all but 3), sorted; nearest-rank p50 of 7 is the 4th value, p90 and p99 the 7th
+#   prompt   2 2 2 3 4 5 6     -> p50 3, p90 6, p99 6, max 6, mean 24/7
+#   chosen   2 3 4 4 5 6 13    -> p50 4, p90 13,            mean 37/7
+#   rejected 2 2 3 3 5 7 12    -> p50 3, p90 12,            mean 34/7
+#   sequence 6 6 8 9 10 12 15  -> p50 9, p90 15,            mean 66/7
+# chosen longer in rows 0 1 2 6 (4/7), rejected longer in 5 7 (2/7), equal in 4 (1/7)
+
+
+def _report(tmp_path, tok, rows=REPORT_ROWS, **kw) -> DataReport:
+    kw = {"max_length": 12, "max_prompt_length": 6, "on_bad_rows": "skip", **kw}
+    path = write_jsonl(tmp_path / "report.jsonl", rows)
+    return build_datasets(config(path, **kw), tok, seed=0)[2]
+
+
+def flat(text: str) -> str:
+    return " ".join(text.split())  # format() wraps long warnings; compare the words
+
+
+def test_percentile_is_nearest_rank():
+    ten = list(range(1, 11))
+    assert [percentile(ten, p) for p in (1, 10, 50, 90, 91, 99, 100)] == [1, 1, 5, 9, 10, 10, 10]
+    hundred = list(range(1, 101))
+    assert [percentile(hundred, p) for p in (50, 90, 99)] == [50, 90, 99]
+    assert percentile([7], 50) == percentile([7], 99) == 7
+    assert length_stats([3, 1, 2, 10]) == {"p50": 2, "p90": 10, "p99": 10, "max": 10, "mean": 4.0}
+
+
+def test_report_counts_and_token_length_percentiles_match_hand_counts(tmp_path, tok_plain):
+    report = _report(tmp_path, tok_plain)
+    assert (report.rows_read, report.formats, report.malformed) == (8, {"standard": 8}, {"chosen is empty": 1})
+    assert (report.dropped_for_length, report.truncated_pairs, report.train_pairs) == (1, 0, 6)
+    assert report.stats_rows == 7
+    assert report.lengths == {
+        "prompt": {"p50": 3, "p90": 6, "p99": 6, "max": 6, "mean": round(24 / 7, 2)},
+        "chosen": {"p50": 4, "p90": 13, "p99": 13, "max": 13, "mean": round(37 / 7, 2)},
+        "rejected": {"p50": 3, "p90": 12, "p99": 12, "max": 12, "mean": round(34 / 7, 2)},
+        "sequence": {"p50": 9, "p90": 15, "p99": 15, "max": 15, "mean": round(66 / 7, 2)},
+    }
+    shares = (report.chosen_longer_share, report.rejected_longer_share, report.equal_length_share)
+    assert shares == (4 / 7, 2 / 7, 1 / 7)
+    assert report.duplicates == 1
+    assert report.eval_in_train == 0
+    json.dumps(report.to_dict())  # data_report.json
+
+
+def test_length_figures_cover_the_training_source_before_the_eval_hold_out(tmp_path, tok_plain):
+    held_out = _report(tmp_path, tok_plain, eval_fraction=0.5)
+    assert (held_out.train_pairs, held_out.eval_pairs) == (3, 3)
+    whole = _report(tmp_path, tok_plain)
+    assert (held_out.lengths, held_out.stats_rows, held_out.duplicates) == (whole.lengths, 7, 1)
+
+
+def test_rows_of_a_separate_eval_file_are_counted_but_not_measured(tmp_path, tok_plain):
+    train = write_jsonl(tmp_path / "train.jsonl", REPORT_ROWS[:2])
+    other = write_jsonl(tmp_path / "eval.jsonl", [REPORT_ROWS[0], {"prompt": z(9), "chosen": z(9), "rejected": x(1)}])
+    report = build_datasets(config(train, eval=str(other), max_length=100), tok_plain, seed=0)[2]
+    assert (report.rows_read, report.stats_rows) == (4, 2)
+    assert report.lengths["prompt"]["max"] == 4  # the eval file's 9-token prompt is not in the figures
+    assert report.eval_in_train == 1  # its first row is training row 0
+    assert any("1 eval pair also in the training pairs" in w for w in report.warnings())
+
+
+def test_prompt_lengths_include_the_chat_template(tmp_path, tok_chatml):
+    rows = [{"prompt": "write a short review", "chosen": "great .", "rejected": "dull ."}]
+    report = _report(tmp_path, tok_chatml, rows=rows, max_length=100, max_prompt_length=None)
+    rendered = len(encode_prompt(tok_chatml, "write a short review"))
+    assert rendered > len(tok_chatml("write a short review")["input_ids"])  # premise: the template adds tokens
+    assert report.lengths["prompt"]["max"] == rendered
+    assert report.lengths["sequence"]["max"] == rendered + len(encode_completion(tok_chatml, "great ."))
+
+
+def test_format_shows_each_figure_and_the_warnings_that_apply(tmp_path, tok_plain):
+    text = _report(tmp_path, tok_plain).format()
+    lines = [flat(line) for line in text.splitlines()]
+    for expected in [
+        "read 8 rows standard: 8",
+        "malformed, skipped 1 row 1x chosen is empty",
+        "dropped for length 1 pair 14% of 7 valid pairs; max_length=12, max_prompt_length=6",
+        "exact duplicates 1 pair counted, not removed",
+        "training pairs 6 pairs",
+        "prompt 3 6 6 6 3.4",
+        "chosen 4 13 13 13 5.3",
+        "rejected 3 12 12 12 4.9",
+        "prompt+completion 9 15 15 15 9.4",
+        "chosen longer 57% 4 of 7 pairs",
+        "rejected longer 29% 2 of 7 pairs",
+        "equal length 14% 1 of 7 pairs",
+    ]:
+        assert expected in lines, expected
+    words = flat(text)
+    assert "1 malformed row skipped (data.on_bad_rows=skip): 1x chosen is empty" in words
+    assert "DPO can learn to prefer length rather than quality" in words
+    assert "1 exact duplicate pair (same prompt, chosen and rejected as an earlier row): counted, not removed" in words
+    assert "14% of pairs were dropped (1) or truncated (0)" in words
+    assert "set data.max_length=15 and data.max_prompt_length=6" in words  # p99 of sequence and of prompt
+    assert all(len(line) <= 100 for line in text.splitlines())
+
+
+def test_format_has_no_warnings_for_clean_balanced_data(tmp_path, tok_plain):
+    rows = [
+        {"prompt": z(2), "chosen": z(3), "rejected": x(1)},  # chosen longer
+        {"prompt": z(2), "chosen": z(1), "rejected": x(3)},  # rejected longer
+        {"prompt": z(3), "chosen": z(2), "rejected": x(2)},  # equal
+        {"prompt": z(4), "chosen": z(1), "rejected": x(1)},  # equal
+    ]
+    report = _report(tmp_path, tok_plain, rows=rows)
+    assert (report.chosen_longer_share, report.rejected_longer_share, report.equal_length_share) == (0.25, 0.25, 0.5)
+    assert report.warnings() == []
+    text = report.format()
+    assert "warnings: none" in text
+    assert "DPO can learn" not in text and "duplicate pair" not in text and "skipped (data" not in text
+
+
+def _bare_report(**kw) -> DataReport:
+    fields = dict(source="d.jsonl", rows_read=20, formats={"standard": 20}, malformed={}, dropped_for_length=0,
+                  truncated_prompts=0, truncated_completions=0, train_pairs=20, eval_pairs=0, stats_rows=20)
+    return DataReport(**{**fields, **kw})
+
+
+@pytest.mark.parametrize(
+    "chosen, rejected, equal, warns",
+    [
+        (0.7, 0.3, 0.0, True),  # chosen longer in more than 60%
+        (0.35, 0.65, 0.0, True),  # in less than 40%
+        (0.6, 0.4, 0.0, False),  # at the threshold
+        (0.45, 0.55, 0.0, False),
+        (0.3, 0.3, 0.4, False),  # under 40% only because of ties: length does not tell the replies apart
+        (0.5, 0.1, 0.4, True),  # chosen longer five times as often as shorter
+    ],
+)
+def test_length_bias_warning_threshold(chosen, rejected, equal, warns):
+    report = _bare_report(chosen_longer_share=chosen, rejected_longer_share=rejected, equal_length_share=equal)
+    assert any("prefer length rather than quality" in w for w in report.warnings()) == warns
+
+
+@pytest.mark.parametrize("dropped, truncated, warns", [(1, 0, False), (0, 1, False), (1, 1, True), (0, 2, True)])
+def test_cut_pairs_warning_above_five_percent(dropped, truncated, warns):
+    report = _bare_report(dropped_for_length=dropped, truncated_pairs=truncated)  # of 20 valid pairs
+    assert any("dropped" in w for w in report.warnings()) == warns
+
+
+def test_summary_stays_short_and_mentions_length_bias_and_warnings(tmp_path, tok_plain):
+    summary = _report(tmp_path, tok_plain).summary()
+    assert 2 <= len(summary.splitlines()) <= 4
+    assert "prompt+completion p50 9, p99 15, max 15; chosen longer in 57% of pairs, 1 exact duplicate" in summary
+    assert "4 warnings (see lora-dpo data)" in summary
+
+
+def test_no_pairs_left_error_gives_the_token_lengths(tmp_path, tok_plain):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": z(9), "chosen": z(3), "rejected": x(1)}])
+    expected = r"prompt\+completion is 13 tokens at the median, 13 at p99: raise data\.max_length"
+    with pytest.raises(DataError, match=expected):
+        build_datasets(config(path, max_length=8, max_prompt_length=8), tok_plain, seed=0)
+
+
+def test_inspect_data_loads_the_recipe_tokenizer_and_reports(tmp_path, tok_plain):
+    tok_plain.save_pretrained(tmp_path / "model")
+    path = write_jsonl(tmp_path / "report.jsonl", REPORT_ROWS)
+    data = config(path, max_length=12, max_prompt_length=6, on_bad_rows="skip", eval_fraction=0.25)
+    recipe = Recipe(output_dir=str(tmp_path / "run"), model=ModelConfig(name=str(tmp_path / "model")), data=data)
+    report = inspect_data(recipe)
+    assert report.to_dict() == build_datasets(data, tok_plain, seed=recipe.train.seed)[2].to_dict()
+    assert report.eval_from == f"0.25 of train held out, seed {recipe.train.seed}"
+    assert not (tmp_path / "run").exists()  # a report, not a run

@@ -15,7 +15,7 @@ from lora_dpo.trainer import train
 
 METRIC_NAMES = {"step", "epoch", "split", "loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
                 "rewards/accuracies", "logps/chosen", "logps/rejected", "kl", "lr", "grad_norm",
-                "pairs_per_s", "tokens_per_s", "peak_memory_gb"}
+                "pairs_per_s", "tokens_per_s", "peak_memory_gb", "skipped_steps"}
 
 
 def write_pairs(path, n=24):
