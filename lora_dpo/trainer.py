@@ -306,6 +306,7 @@ def train(recipe: Recipe) -> dict:
             row = evaluate(recipe, model, eval_pairs, ref_eval, pad_id, device)
             final.update(row)
             metrics.write({"step": state.step, "epoch": state.micro / micro_per_epoch, "split": "eval", **row})
+            accelerator.log({f"eval/{k}": v for k, v in _numeric(row).items()}, step=state.step)
         after = behaviour_score(recipe, model, tokenizer, eval_pairs, adapter=True)
         if after is not None:
             final["behaviour"] = after

@@ -1,6 +1,7 @@
 """The training loop on tiny models: run directory, determinism, reference caching, accumulation, learning."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,3 +120,22 @@ def test_every_loss_moves_the_policy_toward_the_chosen_replies(make_recipe, loss
     assert final["rewards/accuracies"] >= 5 / 6, final
     assert final["rewards/margins"] > 0
     assert final["loss"] < final["baseline"]["loss"]
+
+
+def test_tensorboard_tracker_receives_the_metrics_when_enabled(make_recipe):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    recipe = make_recipe("tb", "train.max_steps=3", "train.report_to=[tensorboard]")
+    train(recipe)
+    events = list(Path(recipe.output_dir).rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file written"
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3]
+    assert "eval/rewards/accuracies" in acc.Tags()["scalars"]
+
+
+def test_trackers_are_off_by_default(make_recipe):
+    recipe = make_recipe("no-tb", "train.max_steps=1")
+    train(recipe)
+    assert not list(Path(recipe.output_dir).rglob("events.out.tfevents.*"))
