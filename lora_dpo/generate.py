@@ -55,7 +55,7 @@ def generate(
             # left padding: every prompt ends at the same column, where generation starts
             ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)
             attn = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
-            sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else {}
+            sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
             new = model.generate(
                 input_ids=ids,
                 attention_mask=attn,
@@ -63,7 +63,6 @@ def generate(
                 pad_token_id=pad,
                 eos_token_id=tokenizer.eos_token_id,
                 use_cache=True,
-                do_sample=False,
                 **sampling,
             )[:, width:]
             out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
