@@ -21,7 +21,7 @@ import torch
 from jinja2.exceptions import TemplateError  # jinja2 renders chat templates; torch depends on it
 
 from .config import DataConfig
-from .errors import DataError
+from .errors import DataError, first_line
 from .formats import RowError, detect_format, normalise_row
 
 if TYPE_CHECKING:
@@ -324,18 +324,13 @@ def _looks_like_path(source: str) -> bool:
     )
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
 def _load_local(source: str, *args, **kwargs) -> "datasets.DatasetDict":
     import datasets
 
     try:
         return datasets.load_dataset(*args, **kwargs)
     except Exception as exc:  # a parse error deep inside datasets; the user needs the file and the reason
-        raise DataError(f"{source}: could not be read: {_first_line(exc)}") from None
+        raise DataError(f"{source}: could not be read: {first_line(exc)}") from None
 
 
 def _open_local(source: str) -> "datasets.DatasetDict | None":
@@ -373,14 +368,14 @@ def _load_split(source: str, splits: tuple[str, ...]) -> tuple["datasets.Dataset
         except ValueError as exc:
             # datasets says: Unknown split "x". Should be one of ['train', 'test'].
             if "Unknown split" not in str(exc):
-                raise DataError(f"{source}: could not be loaded: {_first_line(exc)}") from None
+                raise DataError(f"{source}: could not be loaded: {first_line(exc)}") from None
             found = re.search(r"one of \[(.*)\]", str(exc))
             available = found.group(1).replace("'", "") if found else "unknown"
             missing = _SplitError(f"{source}: no split '{splits[0]}'; available splits: {available}")
         except Exception as exc:  # network, authentication, typo: one message, no traceback
             raise DataError(
                 f"could not load dataset '{source}' from the Hugging Face Hub (offline? a typo in the id? "
-                f"a local file that is not there?): {_first_line(exc)}"
+                f"a local file that is not there?): {first_line(exc)}"
             ) from None
     raise missing
 

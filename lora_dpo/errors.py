@@ -11,3 +11,9 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A dataset cannot be loaded, has no recognised format, or holds malformed rows."""
+
+
+def first_line(exc: BaseException) -> str:
+    """'TypeName: first line of the message', for one-line errors that still say what failed."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__

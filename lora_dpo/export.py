@@ -22,10 +22,10 @@ from typing import Any, Callable, Optional
 
 import yaml
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .hub import check_repo_id, list_files, push
 from .merge import (
-    BLIND, DTYPES, TOLERANCES, VERIFY_PAIRS, SizeEstimate, Verification, check_disk, first_line, folder_bytes,
+    BLIND, DTYPES, TOLERANCES, VERIFY_PAIRS, SizeEstimate, Verification, check_disk, folder_bytes,
     format_size, log_stderr, merge_and_verify, parse_device, plan_merge, verification_sequences,
 )  # fmt: skip
 from .modelcard import hub_model_id, is_hub_id, write_card

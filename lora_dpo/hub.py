@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .errors import UserError
-from .merge import first_line, format_size
+from .errors import UserError, first_line
+from .merge import format_size
 
 _TOKEN = re.compile(r"hf_[A-Za-z0-9]{6,}")  # how Hugging Face tokens look: scrubbed from every message we print
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -58,12 +58,6 @@ FIXED_PAIRS = [
 def log_stderr(msg: str) -> None:
     """The default `log` of an export: one message per line on stderr."""
     print(msg, file=sys.stderr)
-
-
-def first_line(exc: BaseException) -> str:
-    """'TypeName: first line of the message', for one-line errors that still say what failed."""
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def format_size(n: float) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .config import LoraConfig, ModelConfig
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 
 # bitsandbytes warns on import that it cannot fetch an optional CPU kernel from the Hub; it falls back to its
 # own kernel, and the warning would only alarm users of an offline machine.
@@ -62,7 +62,7 @@ def load_tokenizer(cfg: ModelConfig):
     try:
         tok = AutoTokenizer.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"model.name: cannot load a tokenizer from '{cfg.name}': {_first_line(exc)}") from None
+        raise ConfigError(f"model.name: cannot load a tokenizer from '{cfg.name}': {first_line(exc)}") from None
     if tok.eos_token_id is None:
         raise ConfigError(f"model.name: the tokenizer of '{cfg.name}' has no EOS token; completions need one")
     if tok.pad_token_id is None:
@@ -118,7 +118,7 @@ def load_base_model(cfg: ModelConfig, device: torch.device):
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"model.name: cannot load a causal LM from '{cfg.name}': {_first_line(exc)}") from None
+        raise ConfigError(f"model.name: cannot load a causal LM from '{cfg.name}': {first_line(exc)}") from None
     if device.type != "cuda" and "quantization_config" not in kwargs:
         model.to(device)
     disable_cpu_repacking(model)
@@ -148,7 +148,7 @@ def attach_lora(model, cfg: LoraConfig, gradient_checkpointing: bool):
     try:
         return get_peft_model(model, peft_cfg)
     except ValueError as exc:
-        raise ConfigError(f"lora.target_modules: {_first_line(exc)}") from None
+        raise ConfigError(f"lora.target_modules: {first_line(exc)}") from None
 
 
 def load_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig, device: torch.device):
@@ -172,8 +172,3 @@ def save_adapter(model, tokenizer, folder: str | Path) -> None:
     """Write the adapter in peft's format with the tokenizer files beside it."""
     model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or exc.__class__.__name__
-    return text.splitlines()[0]
