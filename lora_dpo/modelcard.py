@@ -174,7 +174,7 @@ base = AutoModelForCausalLM.from_pretrained("{base}", dtype="auto")
 model = PeftModel.from_pretrained(base, "{repo}")
 tokenizer = AutoTokenizer.from_pretrained("{repo}")
 ```"""
-    merge_yourself = f"""```python
+    merge_yourself = """```python
 merged = model.merge_and_unload()  # with the base loaded in 16-bit, not 4-bit
 merged.save_pretrained("merged")
 ```
