@@ -1,0 +1,234 @@
+"""The toy world: its known truth, its preference pairs, its tokenizer, its cache, and (slow) its base model."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lora_dpo import toy
+from lora_dpo.data import encode_completion, encode_prompt
+
+WORLD_WORDS = toy.POSITIVE + toy.NEGATIVE + toy.NEUTRAL + toy.ASPECTS + toy.TITLE_WORDS[0] + toy.TITLE_WORDS[1]
+
+
+@pytest.fixture(scope="module")
+def toy_tokenizer():
+    return toy.build_tokenizer()
+
+
+# ------------------------------------------------------------------------------------------ the known truth
+@pytest.mark.parametrize(
+    "text, score",
+    [
+        ("the acting was superb . the plot felt dull . the music was loud .", 0),  # +1 -1, loud is neutral
+        ("the acting was superb . i found the plot brilliant . the music was loud .", 2),  # +2
+        ("The Acting Was SUPERB! the ending seemed awful, the cast terrible and the script weak.", -2),  # +1 -3
+        ("the plot was there .", 0),  # no adjective of the world
+        ("", 0),
+    ],
+)
+def test_sentiment_score_is_positive_minus_negative_words(text, score):
+    assert toy.sentiment_score(text) == score
+
+
+@pytest.mark.parametrize(
+    "text, share",
+    [
+        ("the acting was superb . the plot felt dull . the music was loud .", 1 / 3),  # 1 of 3 slots
+        ("the acting was superb . i found the plot brilliant . the music was loud . the cast was weak .", 2 / 4),
+        ("the story was charming . the ending seemed moving . the cast felt clever .", 1.0),
+        ("the story was quiet . the ending seemed tedious .", 0.0),  # slots, none positive
+        ("the plot was there .", 0.0),  # no slot at all
+        ("", 0.0),
+    ],
+)
+def test_positive_share_is_positive_words_over_all_adjective_slots(text, share):
+    assert toy.positive_share(text) == pytest.approx(share)
+
+
+def test_word_lists_are_disjoint_and_prompts_carry_no_sentiment():
+    lists = [set(toy.POSITIVE), set(toy.NEGATIVE), set(toy.NEUTRAL), set(toy.ASPECTS)]
+    assert sum(map(len, lists)) == len(set().union(*lists))
+    rng = random.Random(0)
+    prompts = [toy.sample_prompt(rng) for _ in range(200)]
+    assert all(toy.positive_share(p) == 0.0 and toy.sentiment_score(p) == 0 for p in prompts)
+
+
+def test_neutral_generator_gives_each_sentiment_a_third_of_the_slots():
+    """3000 reviews hold ~10,500 adjective slots, each positive with p = 1/3 independently, so the pooled share
+    has a standard deviation of sqrt((1/3)(2/3)/10500) = 0.0046: a tolerance of 0.02 is over 4 of them, while
+    a generator that favoured one list by even 3 points in 100 would fail."""
+    rng = random.Random(123)
+    reviews = " ".join(toy.sample_review(rng) for _ in range(3000))
+    words = reviews.split()
+    slots = sum(w in toy.POSITIVE + toy.NEGATIVE + toy.NEUTRAL for w in words)
+    assert slots > 10_000
+    assert toy.positive_share(reviews) == pytest.approx(1 / 3, abs=0.02)
+    assert sum(w in toy.NEGATIVE for w in words) / slots == pytest.approx(1 / 3, abs=0.02)
+
+
+def test_generated_reviews_are_grammatical_and_broken_ones_are_not():
+    rng = random.Random(0)
+    assert all(toy.is_grammatical(toy.sample_review(rng)) for _ in range(500))
+    good = "the acting was superb . i found the plot dull . the music seemed loud ."
+    assert toy.is_grammatical(good)
+    for bad in [
+        "the acting was superb . the plot felt dull .",  # 2 sentences
+        "the acting was superb . " * 5,  # 5 sentences
+        "the acting was superb . i found i found the plot dull . the music was loud .",
+        "the acting was superb . the was dull . the music was loud .",  # no aspect
+        "the acting was good . the plot felt dull . the music was loud .",  # adjective not of the world
+        "the acting was superb . the plot felt dull . the music was loud",  # unfinished
+        "",
+    ]:
+        assert not toy.is_grammatical(bad), bad
+
+
+# --------------------------------------------------------------------------------------------------- pairs
+def test_make_pairs_prefers_the_more_positive_review_in_every_row():
+    rows = toy.make_pairs(300, seed=0)
+    assert len(rows) == 300
+    for row in rows:
+        assert set(row) == {"prompt", "chosen", "rejected"}
+        assert all(isinstance(v, str) for v in row.values())
+        assert toy.sentiment_score(row["chosen"]) > toy.sentiment_score(row["rejected"])
+    # chosen reviews are more positive on average, as DPO should learn
+    mean = lambda key: sum(toy.positive_share(r[key]) for r in rows) / len(rows)  # noqa: E731
+    assert mean("chosen") > 0.45 > 0.33 > 0.22 > mean("rejected")
+
+
+def test_make_pairs_is_deterministic_for_a_seed_and_differs_across_seeds():
+    assert toy.make_pairs(50, seed=7) == toy.make_pairs(50, seed=7)
+    assert toy.make_pairs(50, seed=7) != toy.make_pairs(50, seed=8)
+
+
+# ----------------------------------------------------------------------------------------------- tokenizer
+def test_tokenizer_encodes_every_world_word_as_one_token(toy_tokenizer):
+    for word in WORLD_WORDS + ("the", "i", "was", "felt", "seemed", "found", "a", "review", ".", "?"):
+        assert len(toy_tokenizer(" " + word, add_special_tokens=False)["input_ids"]) == 1, word
+    rng = random.Random(0)  # in context too, including the first word of a prompt or a review (no space)
+    for text in [toy.sample_prompt(rng) for _ in range(100)] + [toy.sample_review(rng) for _ in range(100)]:
+        assert len(toy_tokenizer(text, add_special_tokens=False)["input_ids"]) == len(text.split()), text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "the acting was superb . i found the plot dull . the music seemed loud .",
+        "write a short review of the night train .",
+        "Any text at all: naïve café, 42 + 7 = 49, emoji 🎬, tabs\tand\nnewlines.",
+    ],
+)
+def test_tokenizer_round_trips_text(toy_tokenizer, text):
+    ids = toy_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert toy_tokenizer.decode(ids) == text
+
+
+def test_chat_template_and_special_tokens(toy_tokenizer):
+    tok = toy_tokenizer
+    messages = [
+        {"role": "system", "content": "be brief ."},
+        {"role": "user", "content": "review the red king ."},
+        {"role": "assistant", "content": "the plot was dull ."},
+    ]
+    assert tok.apply_chat_template(messages, tokenize=False) == (
+        "<|system|>be brief .<|end|><|user|>review the red king .<|end|><|assistant|>the plot was dull .<|end|>"
+    )
+    assert tok.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True).endswith(
+        "<|end|><|assistant|>"
+    )
+    assert tok.eos_token == "<|end|>" and tok.pad_token == "<|pad|>" and tok.pad_token_id != tok.eos_token_id
+    assert len(tok) <= 1024
+    # each special token is one id, never split into bytes
+    for special in toy.SPECIAL_TOKENS:
+        assert len(tok(special, add_special_tokens=False)["input_ids"]) == 1
+
+
+def test_prompts_and_reviews_fit_their_token_budgets(toy_tokenizer):
+    rng = random.Random(0)
+    prompt_lengths = [len(encode_prompt(toy_tokenizer, toy.sample_prompt(rng))) for _ in range(300)]
+    review_lengths = [len(encode_completion(toy_tokenizer, toy.sample_review(rng))) for _ in range(300)]
+    assert max(prompt_lengths) <= 20 and max(review_lengths) <= 40
+
+
+# --------------------------------------------------------------------------------------------------- cache
+def test_cache_root_is_the_env_var_or_the_user_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORA_DPO_CACHE", str(tmp_path))
+    assert toy.cache_root() == tmp_path
+    monkeypatch.delenv("LORA_DPO_CACHE")
+    assert toy.cache_root() == Path.home() / ".cache" / "lora_dpo"
+
+
+def test_toy_data_files_are_written_once_in_standard_format(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORA_DPO_CACHE", str(tmp_path))
+    files = toy.toy_data_files()
+    assert Path(files["train"]).parent == tmp_path / "toy" / f"data-{toy.WORLD_VERSION}"
+    train = [json.loads(line) for line in open(files["train"])]
+    test = [json.loads(line) for line in open(files["test"])]
+    assert (len(train), len(test)) == (toy.TRAIN_PAIRS, toy.TEST_PAIRS)
+    assert train[:5] == toy.make_pairs(5, toy.TRAIN_SEED)
+    assert train[0] != test[0]
+    mtime = Path(files["train"]).stat().st_mtime_ns
+    assert toy.toy_data_files() == files and Path(files["train"]).stat().st_mtime_ns == mtime  # not rebuilt
+    assert [p.name for p in (tmp_path / "toy").iterdir()] == [f"data-{toy.WORLD_VERSION}"]  # no temporary left
+
+
+def test_build_once_keeps_the_folder_of_a_build_that_finished_first(tmp_path):
+    target = tmp_path / "toy" / "thing"
+
+    def racing_build(folder):  # another process renames its finished build into place while we build
+        (folder / "ours.txt").write_text("ours")
+        target.mkdir()
+        (target / "theirs.txt").write_text("theirs")
+
+    assert toy._build_once(target, racing_build) == target
+    assert [p.name for p in target.iterdir()] == ["theirs.txt"]
+    assert [p.name for p in target.parent.iterdir()] == ["thing"]  # our temporary folder is gone
+
+
+def test_build_once_leaves_nothing_behind_when_the_build_fails(tmp_path):
+    target = tmp_path / "toy" / "thing"
+
+    def failing_build(folder):
+        (folder / "half.txt").write_text("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        toy._build_once(target, failing_build)
+    assert list(target.parent.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------ the base model
+@pytest.mark.slow
+def test_toy_model_builds_once_loads_and_speaks_the_world(monkeypatch, tmp_path, capfd):
+    """Builds the real world (about a minute), then loads it as a user would and samples reviews."""
+    monkeypatch.setenv("LORA_DPO_CACHE", str(tmp_path))
+    path = toy.toy_model_path()
+    assert path == tmp_path / "toy" / f"model-{toy.WORLD_VERSION}"
+    assert "building the toy world" in capfd.readouterr().err
+    assert toy.toy_model_path() == path and "building" not in capfd.readouterr().err  # cached
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(m.in_features % 64 == 0 and m.out_features % 64 == 0 for m in linears)  # 4-bit blocks of 64
+    assert model.generation_config.eos_token_id == tok.eos_token_id == model.config.eos_token_id
+
+    rng = random.Random(0)
+    prompts = [toy.sample_prompt(rng) for _ in range(48)]
+    tok.padding_side = "left"
+    ids = [encode_prompt(tok, p) for p in prompts]
+    width = max(map(len, ids))
+    input_ids = torch.tensor([[tok.pad_token_id] * (width - len(x)) + x for x in ids])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=(input_ids != tok.pad_token_id).long(), do_sample=True)
+    new = out[:, width:]
+    assert (new == tok.eos_token_id).any(dim=1).all()  # every sample ended its turn
+    reviews = tok.batch_decode(new, skip_special_tokens=True)
+    assert sum(map(toy.is_grammatical, reviews)) >= 0.9 * len(reviews)
+    # the base is neutral: 48 reviews hold ~170 slots, so the share's standard deviation is ~0.036
+    assert sum(map(toy.positive_share, reviews)) / len(reviews) == pytest.approx(1 / 3, abs=0.12)
