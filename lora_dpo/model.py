@@ -7,7 +7,6 @@ off (peft's `disable_adapter()`) it is the reference pi_ref. A consumer GPU hold
 from __future__ import annotations
 
 import contextlib
-import logging
 import sys
 from pathlib import Path
 
@@ -15,10 +14,6 @@ import torch
 
 from .config import LoraConfig, ModelConfig
 from .errors import ConfigError, first_line
-
-# bitsandbytes warns on import that it cannot fetch an optional CPU kernel from the Hub; it falls back to its
-# own kernel, and the warning would only alarm users of an offline machine.
-logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

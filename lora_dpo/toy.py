@@ -42,7 +42,7 @@ REQUESTS = ("write a review of {title} .", "write a brief review of {title} .", 
 # write it when asked, as a real pretrained model knows, so "positive" is a direction it can move along.
 # Without them the 27 adjectives are interchangeable to the model, and DPO, finding no sentiment direction to
 # reweight, tears the grammar apart long before the positive share moves (see the README's toy section).
-TONES = {"glowing": POSITIVE, "scathing": NEGATIVE}
+TONES = {"glowing": POSITIVE, "scathing": NEGATIVE, "neutral": NEUTRAL}  # all three: every slot stays 1/3 each
 TONED_REQUEST = "write a {tone} review of {title} ."
 TONED_SHARE = float(os.environ.get("TOY_TONED", "0.4"))  # share of pretraining requests that ask for a tone
 MIN_SENTENCES, MAX_SENTENCES = 3, 4
