@@ -61,6 +61,7 @@ class LossConfig:
     beta: float = 0.1  # strength of the KL penalty to the reference; rewards are beta * log(pi/pi_ref)
     label_smoothing: float = 0.0  # assumed share of flipped labels (conservative DPO for dpo, robust DPO for robust)
     length_normalize: Optional[bool] = None  # average log-probs over completion tokens; None: only for ipo
+    rpo_alpha: float = 0.0  # weight of the chosen response's per-token NLL added to the loss (RPO); 0: off
 
 
 @dataclass
@@ -120,6 +121,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "data.max_rows": (lambda v: v is None or v >= 1, ">= 1"),
     "loss.beta": (lambda v: v > 0, "> 0"),
     "loss.label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+    "loss.rpo_alpha": (lambda v: v >= 0, ">= 0"),
     "train.epochs": (lambda v: v > 0, "> 0"),
     "train.max_steps": (lambda v: v is None or v >= 1, ">= 1"),
     "train.batch_size": (lambda v: v >= 1, ">= 1"),

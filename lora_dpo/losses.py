@@ -87,6 +87,17 @@ LOSSES: dict[str, Callable[[Tensor, float, float], Tensor]] = {
 LENGTH_NORMALIZED_BY_DEFAULT: frozenset[str] = frozenset({"ipo"})
 
 
+def chosen_nll(policy_chosen_logps, chosen_counts) -> Tensor:
+    """[B] negative log-likelihood per token of the chosen responses: the term RPO adds to DPO.
+
+    Pang et al. 2024 ("Iterative Reasoning Preference Optimization") add alpha * NLL(y_w) to the DPO loss so
+    that the chosen response's likelihood cannot fall while the margin grows: pure DPO is known to lower the
+    likelihood of both responses ("likelihood displacement"), which on small models degrades generations.
+    policy_chosen_logps: [B] summed log-probs; chosen_counts: [B] completion tokens.
+    """
+    return -policy_chosen_logps.float() / chosen_counts.float().clamp(min=1)
+
+
 def implicit_rewards(policy_logps: Tensor, reference_logps: Tensor, beta: float) -> Tensor:
     """Implicit DPO reward beta * (log pi(y|x) - log pi_ref(y|x)), [B] -> [B], detached (for logging only)."""
     return (beta * (policy_logps.float() - reference_logps.float())).detach()

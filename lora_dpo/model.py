@@ -7,6 +7,7 @@ off (peft's `disable_adapter()`) it is the reference pi_ref. A consumer GPU hold
 from __future__ import annotations
 
 import contextlib
+import warnings
 import sys
 from pathlib import Path
 
@@ -141,7 +142,9 @@ def attach_lora(model, cfg: LoraConfig, gradient_checkpointing: bool):
         task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, peft_cfg)
+        with warnings.catch_warnings():  # peft asks for a name transformers 5 deprecated; nothing for users to do
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return get_peft_model(model, peft_cfg)
     except ValueError as exc:
         raise ConfigError(f"lora.target_modules: {first_line(exc)}") from None
 

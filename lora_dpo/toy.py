@@ -32,8 +32,10 @@ NEGATIVE = ("dull", "awful", "boring", "clumsy", "tedious", "terrible", "bland",
 NEUTRAL = ("long", "short", "loud", "quiet", "simple", "modern", "familiar", "ordinary", "unusual")
 ASPECTS = ("acting", "plot", "music", "ending", "dialogue", "pacing", "cast", "story", "script", "soundtrack",
            "setting", "camera")
-SENTENCES = ("the {aspect} was {adj} .", "the {aspect} felt {adj} .", "the {aspect} seemed {adj} .",
-             "i found the {aspect} {adj} .")
+VERBS = ("was", "is", "felt", "seemed")
+# every slot is named by the token before it (the -> aspect -> verb -> adjective -> "."), so that the adjective
+# slot is hard to mistake for another one when DPO moves the hidden state there
+SENTENCES = tuple(f"the {{aspect}} {verb} {{adj}} ." for verb in VERBS)
 TITLE_WORDS = (("night", "silver", "last", "hidden", "northern", "red", "winter", "lost"),
                ("train", "garden", "river", "king", "letter", "harbor", "mountain", "island"))
 REQUESTS = ("write a review of {title} .", "write a brief review of {title} .", "review {title} .",
@@ -42,16 +44,14 @@ REQUESTS = ("write a review of {title} .", "write a brief review of {title} .", 
 # write it when asked, as a real pretrained model knows, so "positive" is a direction it can move along.
 # Without them the 27 adjectives are interchangeable to the model, and DPO, finding no sentiment direction to
 # reweight, tears the grammar apart long before the positive share moves (see the README's toy section).
-TONES = {"glowing": POSITIVE, "scathing": NEGATIVE, "neutral": NEUTRAL}  # all three: every slot stays 1/3 each
-TONED_REQUEST = "write a {tone} review of {title} ."
+TONES = {"glowing": POSITIVE, "scathing": NEGATIVE}
+TONED_SYSTEM = "you write {tone} reviews ."  # the tone is set by a system message, which neutral requests never have
 TONED_SHARE = float(os.environ.get("TOY_TONED", "0.4"))  # share of pretraining requests that ask for a tone
 MIN_SENTENCES, MAX_SENTENCES = 3, 4
 
 _WORD = re.compile(r"[a-z]+")
 _POSITIVE, _NEGATIVE, _NEUTRAL = frozenset(POSITIVE), frozenset(NEGATIVE), frozenset(NEUTRAL)
-_SENTENCE = re.compile(  # one sentence of the grammar, with the adjective as group "adj"
-    r"(?:the (?P<a1>[a-z]+) (?:was|felt|seemed)|i found the (?P<a2>[a-z]+)) (?P<adj>[a-z]+) \."
-)
+_SENTENCE = re.compile(rf"the (?P<aspect>[a-z]+) (?:{'|'.join(VERBS)}) (?P<adj>[a-z]+) \.")
 
 
 def _title(rng: random.Random) -> str:
@@ -72,12 +72,12 @@ def sample_review(rng: random.Random, adjectives: tuple = (POSITIVE, NEGATIVE, N
     )
 
 
-def _pretraining_example(rng: random.Random) -> tuple[str, str]:
+def _pretraining_example(rng: random.Random) -> tuple[str | tuple, str]:
     """(prompt, review): a neutral request and a neutral review, or (TONED_SHARE of the time) a request for a
     glowing or scathing review and a review whose every adjective has that tone."""
     if rng.random() < TONED_SHARE:
         tone, words = rng.choice(list(TONES.items()))
-        return TONED_REQUEST.format(tone=tone, title=_title(rng)), sample_review(rng, (words,))
+        return (TONED_SYSTEM.format(tone=tone), sample_prompt(rng)), sample_review(rng, (words,))
     return sample_prompt(rng), sample_review(rng)
 
 
@@ -109,7 +109,7 @@ def is_grammatical(text: str) -> bool:
     for sentence in sentences:
         m = _SENTENCE.fullmatch(sentence)
         adjectives = _POSITIVE | _NEGATIVE | _NEUTRAL
-        if m is None or (m["a1"] or m["a2"]) not in ASPECTS or m["adj"] not in adjectives:
+        if m is None or m["aspect"] not in ASPECTS or m["adj"] not in adjectives:
             return False
     return True
 
@@ -142,8 +142,8 @@ def _tokenizer_corpus() -> list[str]:
     """Every prompt, every sentence form and every world word, so that each word becomes one BPE token
     (with its leading space; the few words that can open a text also without it)."""
     vocab = POSITIVE + NEGATIVE + NEUTRAL + ASPECTS + TITLE_WORDS[0] + TITLE_WORDS[1]
-    requests = REQUESTS + tuple(TONED_REQUEST.replace("{tone}", tone) for tone in TONES)
-    prompts = [r.format(title=f"the {a} {b}") for r in requests for a in TITLE_WORDS[0] for b in TITLE_WORDS[1]]
+    prompts = [r.format(title=f"the {a} {b}") for r in REQUESTS for a in TITLE_WORDS[0] for b in TITLE_WORDS[1]]
+    prompts += [TONED_SYSTEM.format(tone=tone) for tone in TONES]
     sentences = [s.format(aspect=a, adj=w) for s in SENTENCES for a in ASPECTS for w in POSITIVE + NEGATIVE + NEUTRAL]
     return prompts + sentences + [" ".join(sentences), " ".join(vocab)]  # joined: " i" and " the" open sentences
 
@@ -194,7 +194,7 @@ def _reply_token_ids(tokenizer) -> list[int]:
     """Ids of every token a review can contain, EOS included."""
     sentences = [s.format(aspect=a, adj=w) for s in SENTENCES for a in ASPECTS for w in POSITIVE + NEGATIVE + NEUTRAL]
     ids = {tokenizer.eos_token_id}
-    for sentence in sentences:  # at a review's start ("the", "i") and in its middle (" the", " i")
+    for sentence in sentences:  # at a review's start ("the") and in its middle (" the")
         for text in (sentence, " " + sentence):
             ids.update(tokenizer(text, add_special_tokens=False)["input_ids"])
     return sorted(ids)
@@ -222,7 +222,7 @@ def pretrain_base_model(tokenizer):
     # of byte tokens at once.
     never_said = torch.ones(config.vocab_size, dtype=torch.bool)
     never_said[_reply_token_ids(tokenizer)] = False
-    prompt_ids: dict[str, list[int]] = {}  # only 448 distinct prompts: render each chat template once
+    prompt_ids: dict[str, list[int]] = {}  # only 1280 distinct prompts: render each chat template once
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg["seed"])
         model = LlamaForCausalLM(config)
@@ -239,7 +239,9 @@ def pretrain_base_model(tokenizer):
             for _ in range(cfg["batch_size"]):
                 prompt, review = _pretraining_example(rng)
                 if prompt not in prompt_ids:
-                    prompt_ids[prompt] = encode_prompt(tokenizer, prompt)
+                    messages = prompt if isinstance(prompt, str) else [
+                        {"role": "system", "content": prompt[0]}, {"role": "user", "content": prompt[1]}]
+                    prompt_ids[prompt] = encode_prompt(tokenizer, messages)
                 p = prompt_ids[prompt]
                 c = encode_completion(tokenizer, review)
                 seqs.append(p + c)
@@ -320,15 +322,24 @@ def _write_model(folder: Path) -> None:
           f"(final pretraining loss {loss:.3f})", file=sys.stderr, flush=True)
 
 
+def world_key() -> str:
+    """The cache key: WORLD_VERSION plus a digest of this module's source, so that any change to the words,
+    grammar, tokenizer or pre-training invalidates a cached world even if nobody bumps the version."""
+    import hashlib
+
+    digest = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:10]
+    return f"{WORLD_VERSION}-{digest}"
+
+
 def toy_model_path() -> Path:
     """Folder with the toy tokenizer and base model, for AutoTokenizer / AutoModelForCausalLM.from_pretrained;
     built (about a minute) the first time."""
-    return _build_once(cache_root() / "toy" / f"model-{WORLD_VERSION}", _write_model)
+    return _build_once(cache_root() / "toy" / f"model-{world_key()}", _write_model)
 
 
 def toy_data_files() -> dict[str, str]:
     """{"train": path, "test": path} of standard-format jsonl preference pairs; written the first time."""
-    folder = _build_once(cache_root() / "toy" / f"data-{WORLD_VERSION}", _write_data)
+    folder = _build_once(cache_root() / "toy" / f"data-{world_key()}", _write_data)
     return {split: str(folder / f"{split}.jsonl") for split in ("train", "test")}
 
 

@@ -26,7 +26,7 @@ from .data import EncodedPair, build_datasets, collate
 from .errors import ConfigError, UserError
 from .generate import generate, load_scorer
 from .logps import sequence_logps
-from .losses import LENGTH_NORMALIZED_BY_DEFAULT, preference_loss
+from .losses import LENGTH_NORMALIZED_BY_DEFAULT, chosen_nll, preference_loss
 from .metrics import MetricsLog, PairStats, peak_memory_gb
 from .model import load_policy, load_tokenizer, reference_model, save_adapter, trainable_parameters
 from .stopping import Interrupted, StopRequest
@@ -81,12 +81,15 @@ def pair_losses(recipe: Recipe, model, batch: dict, ref_sums: torch.Tensor | Non
     out = preference_loss(
         recipe.loss.name, pol[:b], pol[b:], rf[:b], rf[b:], recipe.loss.beta, recipe.loss.label_smoothing
     )
+    loss = out.losses
+    if recipe.loss.rpo_alpha > 0:
+        loss = loss + recipe.loss.rpo_alpha * chosen_nll(policy.sums[:b], policy.counts[:b])
     kl_num = (policy.sums.detach() - ref).sum()
     stats.add(
-        out.losses, out.chosen_rewards, out.rejected_rewards, policy.sums[:b], policy.sums[b:],
+        loss, out.chosen_rewards, out.rejected_rewards, policy.sums[:b], policy.sums[b:],
         kl_num, policy.counts.sum(), batch["attention_mask"].sum(),
     )
-    return out.losses.mean()
+    return loss.mean()
 
 
 @torch.no_grad()

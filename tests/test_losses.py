@@ -193,3 +193,11 @@ def test_loss_names_equal_config_literal():
 def test_only_ipo_is_length_normalized_by_default():
     assert LENGTH_NORMALIZED_BY_DEFAULT == {"ipo"}
     assert LENGTH_NORMALIZED_BY_DEFAULT <= set(LOSSES)
+
+
+def test_chosen_nll_is_the_mean_negative_log_prob_per_chosen_token():
+    """Summed log-probs -6 over 3 tokens and -1 over 1 token: per-token NLL 2.0 and 1.0."""
+    from lora_dpo.losses import chosen_nll
+
+    nll = chosen_nll(torch.tensor([-6.0, -1.0]), torch.tensor([3.0, 1.0]))
+    assert nll.tolist() == [2.0, 1.0]

@@ -24,7 +24,7 @@ def toy_tokenizer():
     "text, score",
     [
         ("the acting was superb . the plot felt dull . the music was loud .", 0),  # +1 -1, loud is neutral
-        ("the acting was superb . i found the plot brilliant . the music was loud .", 2),  # +2
+        ("the acting was superb . the plot is brilliant . the music was loud .", 2),  # +2
         ("The Acting Was SUPERB! the ending seemed awful, the cast terrible and the script weak.", -2),  # +1 -3
         ("the plot was there .", 0),  # no adjective of the world
         ("", 0),
@@ -38,7 +38,7 @@ def test_sentiment_score_is_positive_minus_negative_words(text, score):
     "text, share",
     [
         ("the acting was superb . the plot felt dull . the music was loud .", 1 / 3),  # 1 of 3 slots
-        ("the acting was superb . i found the plot brilliant . the music was loud . the cast was weak .", 2 / 4),
+        ("the acting was superb . the plot is brilliant . the music was loud . the cast was weak .", 2 / 4),
         ("the story was charming . the ending seemed moving . the cast felt clever .", 1.0),
         ("the story was quiet . the ending seemed tedious .", 0.0),  # slots, none positive
         ("the plot was there .", 0.0),  # no slot at all
@@ -73,12 +73,12 @@ def test_neutral_generator_gives_each_sentiment_a_third_of_the_slots():
 def test_generated_reviews_are_grammatical_and_broken_ones_are_not():
     rng = random.Random(0)
     assert all(toy.is_grammatical(toy.sample_review(rng)) for _ in range(500))
-    good = "the acting was superb . i found the plot dull . the music seemed loud ."
+    good = "the acting was superb . the plot is dull . the music seemed loud ."
     assert toy.is_grammatical(good)
     for bad in [
         "the acting was superb . the plot felt dull .",  # 2 sentences
         "the acting was superb . " * 5,  # 5 sentences
-        "the acting was superb . i found i found the plot dull . the music was loud .",
+        "the acting was superb . i found the plot is dull . the music was loud .",
         "the acting was superb . the was dull . the music was loud .",  # no aspect
         "the acting was good . the plot felt dull . the music was loud .",  # adjective not of the world
         "the acting was superb . the plot felt dull . the music was loud",  # unfinished
@@ -107,7 +107,7 @@ def test_make_pairs_is_deterministic_for_a_seed_and_differs_across_seeds():
 
 # ----------------------------------------------------------------------------------------------- tokenizer
 def test_tokenizer_encodes_every_world_word_as_one_token(toy_tokenizer):
-    for word in WORLD_WORDS + ("the", "i", "was", "felt", "seemed", "found", "a", "review", ".", "?"):
+    for word in WORLD_WORDS + ("the", "was", "is", "felt", "seemed", "a", "review", ".", "?"):
         assert len(toy_tokenizer(" " + word, add_special_tokens=False)["input_ids"]) == 1, word
     rng = random.Random(0)  # in context too, including the first word of a prompt or a review (no space)
     for text in [toy.sample_prompt(rng) for _ in range(100)] + [toy.sample_review(rng) for _ in range(100)]:
@@ -117,7 +117,7 @@ def test_tokenizer_encodes_every_world_word_as_one_token(toy_tokenizer):
 @pytest.mark.parametrize(
     "text",
     [
-        "the acting was superb . i found the plot dull . the music seemed loud .",
+        "the acting was superb . the plot is dull . the music seemed loud .",
         "write a short review of the night train .",
         "Any text at all: naïve café, 42 + 7 = 49, emoji 🎬, tabs\tand\nnewlines.",
     ],
@@ -165,7 +165,7 @@ def test_cache_root_is_the_env_var_or_the_user_cache(monkeypatch, tmp_path):
 def test_toy_data_files_are_written_once_in_standard_format(monkeypatch, tmp_path):
     monkeypatch.setenv("LORA_DPO_CACHE", str(tmp_path))
     files = toy.toy_data_files()
-    assert Path(files["train"]).parent == tmp_path / "toy" / f"data-{toy.WORLD_VERSION}"
+    assert Path(files["train"]).parent == tmp_path / "toy" / f"data-{toy.world_key()}"
     train = [json.loads(line) for line in open(files["train"])]
     test = [json.loads(line) for line in open(files["test"])]
     assert (len(train), len(test)) == (toy.TRAIN_PAIRS, toy.TEST_PAIRS)
@@ -173,7 +173,7 @@ def test_toy_data_files_are_written_once_in_standard_format(monkeypatch, tmp_pat
     assert train[0] != test[0]
     mtime = Path(files["train"]).stat().st_mtime_ns
     assert toy.toy_data_files() == files and Path(files["train"]).stat().st_mtime_ns == mtime  # not rebuilt
-    assert [p.name for p in (tmp_path / "toy").iterdir()] == [f"data-{toy.WORLD_VERSION}"]  # no temporary left
+    assert [p.name for p in (tmp_path / "toy").iterdir()] == [f"data-{toy.world_key()}"]  # no temporary left
 
 
 def test_build_once_keeps_the_folder_of_a_build_that_finished_first(tmp_path):
@@ -207,7 +207,7 @@ def test_toy_model_builds_once_loads_and_speaks_the_world(monkeypatch, tmp_path,
     """Builds the real world (about a minute), then loads it as a user would and samples reviews."""
     monkeypatch.setenv("LORA_DPO_CACHE", str(tmp_path))
     path = toy.toy_model_path()
-    assert path == tmp_path / "toy" / f"model-{toy.WORLD_VERSION}"
+    assert path == tmp_path / "toy" / f"model-{toy.world_key()}"
     assert "building the toy world" in capfd.readouterr().err
     assert toy.toy_model_path() == path and "building" not in capfd.readouterr().err  # cached
 

@@ -139,3 +139,15 @@ def test_trackers_are_off_by_default(make_recipe):
     recipe = make_recipe("no-tb", "train.max_steps=1")
     train(recipe)
     assert not list(Path(recipe.output_dir).rglob("events.out.tfevents.*"))
+
+
+def test_rpo_alpha_adds_the_chosen_nll_linearly(make_recipe):
+    """At step 1 the policy is the same for every alpha, so the logged loss is dpo + alpha * nll: linear in alpha."""
+    losses = []
+    for alpha in (0, 1, 2):
+        recipe = make_recipe(f"rpo{alpha}", "train.max_steps=1", "data.eval_fraction=0", f"loss.rpo_alpha={alpha}")
+        train(recipe)
+        losses.append(read_metrics(f"{recipe.output_dir}/metrics.jsonl")[0]["loss"])
+    nll = losses[1] - losses[0]
+    assert nll > 0.5  # a random tiny model: several nats per token
+    assert losses[2] - losses[1] == pytest.approx(nll, rel=1e-4)
