@@ -53,6 +53,12 @@ def test_run_directory_holds_config_metrics_adapter_and_eval(make_recipe, tiny_q
     assert set(train_rows[0]) == METRIC_NAMES
     assert [r["step"] for r in eval_rows] == [2, 4, 6]  # every 2 steps, the last one is the final eval
     assert json.loads(open(f"{out}/eval.json").read()) == final
+    info = json.loads(open(f"{out}/run_info.json").read())  # the reproducibility record
+    assert info["packages"]["torch"] and info["packages"]["peft"] and info["device"] == "cpu"
+    assert len(info["data"]["train"]) == 64 and info["data"]["train"] != info["data"]["eval"]  # sha256 hex
+    report = json.loads(open(f"{out}/data_report.json").read())
+    assert report["rows_read"] == 24 and report["train_pairs"] == 18
+    assert sorted(p.name for p in Path(out, "plots").glob("*.png")) == ["accuracy.png", "kl.png", "loss.png", "margin.png", "overview.png"]
     assert final["pairs"] == 6 and final["baseline"]["loss"] == pytest.approx(0.693147, abs=1e-5)  # log 2 at start
     # the adapter loads with plain peft onto the base and reproduces the policy
     base = AutoModelForCausalLM.from_pretrained(tiny_qwen2)
