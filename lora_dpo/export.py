@@ -12,7 +12,6 @@ is left as it was. The merge and its log-prob check are merge.py's; the upload i
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ from .merge import (
     format_size, log_stderr, merge_and_verify, parse_device, plan_merge, verification_sequences,
 )  # fmt: skip
 from .modelcard import hub_model_id, is_hub_id, write_card
+from .rundir import staged_dir
 
 
 # ---------------------------------------------------------------------------------------------- the source
@@ -163,26 +163,6 @@ class ExportResult:
         return text
 
 
-@contextlib.contextmanager
-def _staging(out: Path):
-    """A temporary sibling of `out` (same filesystem: the final move is a rename); removed on any failure."""
-    tmp = out.parent / f".{out.name}.partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    os.replace(tmp, out)
-
-
 def _check_out(out: Path, src: Source, overwrite: bool) -> None:
     target = out.expanduser().absolute().resolve()
     for protected in filter(None, (src.adapter_dir, src.run_dir)):
@@ -243,7 +223,7 @@ def export(
 
 def _export_adapter(src: Source, out: Path, base_id, repo: str, log) -> ExportResult:
     check_disk(out, folder_bytes(src.adapter_dir) + sum(p.stat().st_size for p in src.plots) + 2**20)
-    with _staging(out) as tmp:
+    with staged_dir(out) as tmp:
         # peft's own README.md is a blank template: ours replaces it
         shutil.copytree(src.adapter_dir, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("README.md"))
         if not (tmp / "tokenizer_config.json").is_file():  # a checkpoint's adapter: the base's tokenizer
@@ -255,7 +235,6 @@ def _export_adapter(src: Source, out: Path, base_id, repo: str, log) -> ExportRe
             cfg["revision"] = src.revision
             (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         write_card(tmp, src, "adapter", repo, base_id)
-        _move_into_place(tmp, out)
     if base_id is None:
         log(f"notice: the base '{src.base_name}' is a local folder, so the card names no base_model; "
             "pass --base-id OWNER/NAME to name its Hub id")
@@ -269,7 +248,7 @@ def _export_merged(src, out, base_id, repo, dtype, device, max_shard_size, toler
     # 2. Reference log-probs of base + adapter, merge, save; 3. reload what was written, as a user will, and compare.
     tokenizer = _load_tokenizer(src)
     sequences, data = verification_sequences(src, tokenizer, verify_pairs, log)
-    with _staging(out) as tmp:
+    with staged_dir(out) as tmp:
         verification = merge_and_verify(tmp, src, sequences, data, dtype, device, max_shard_size, tolerance, trc, log)
         if not verification.passed:
             raise UserError(
@@ -280,7 +259,6 @@ def _export_merged(src, out, base_id, repo, dtype, device, max_shard_size, toler
             log(f"warning: {BLIND}")
         tokenizer.save_pretrained(str(tmp))
         write_card(tmp, src, "merged", repo, base_id, verification.summary())
-        _move_into_place(tmp, out)
     return ExportResult(out=out, kind="merged", base=src.base_name, base_id=base_id, files=list_files(out),
                         dtype=dtype, estimate=estimate, verification=verification)  # fmt: skip
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -44,14 +45,21 @@ def atomic_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def atomic_dir(path: Path, write) -> None:
-    """Call `write(tmp)` on a temporary sibling folder, then rename it to `path`: never half a folder."""
-    tmp = path.with_name(f".{path.name}.tmp")
+@contextlib.contextmanager
+def staged_dir(path: Path):
+    """Yield a temporary sibling folder of `path` (same filesystem, so the final move is a rename); when the
+    block ends normally it replaces `path`, when it raises it is removed. A reader never sees half a folder."""
+    tmp = path.with_name(f".{path.name}.partial")
     if tmp.exists():
         shutil.rmtree(tmp)
-    write(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if path.exists():
-        shutil.rmtree(path)
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
     os.replace(tmp, path)
 
 

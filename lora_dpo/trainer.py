@@ -319,7 +319,8 @@ def train(recipe: Recipe) -> dict:
         save_checkpoint(out, state, model, optimizer, scheduler, accelerator.scaler, t.keep_last)
     accelerator.end_training()
     unwrapped = accelerator.unwrap_model(model)
-    rundir.atomic_dir(out / "adapter", lambda tmp: save_adapter(unwrapped, tokenizer, tmp))
+    with rundir.staged_dir(out / "adapter") as tmp:
+        save_adapter(unwrapped, tokenizer, tmp)
     rundir.atomic_text(out / "eval.json", json.dumps(final, indent=2))
     _refresh_plots(out)
     log(_summary(final, out))
