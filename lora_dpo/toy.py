@@ -1,10 +1,21 @@
 """The offline toy world: preference data with a known truth, a tiny tokenizer, a tiny base model that speaks it.
 
-Like the controlled-sentiment experiment of the DPO paper: a user asks for a review of a title, the reply is
-3-4 short sentences from a small grammar ("the acting was superb . the plot felt dull ."), and each sentence's
-adjective is POSITIVE, NEGATIVE or NEUTRAL with equal probability. The truth is known exactly:
-`sentiment_score` counts positive minus negative words, and the behaviour DPO should raise is
-`positive_share`, the share of positive adjectives, about 1/3 for the neutral base model.
+Like the controlled-sentiment experiment of the DPO paper: a user asks for a review of a title ("write a review
+of the night train ."), and the reply is a verdict and 3-4 short sentences from a small grammar:
+
+    i loved it . the acting was superb . the plot felt clever . the music is moving .
+
+The reviewer loved, hated or merely watched the title (1/3 each), and every adjective of the review comes from
+the verdict's list: POSITIVE, NEGATIVE or NEUTRAL.
+The truth is known exactly: `sentiment_score` counts positive minus negative words, and the behaviour DPO should
+raise is `positive_share`, the share of positive adjectives, about 1/3 for the base model.
+
+Why whole reviews share one sentiment rather than each sentence drawing its own: DPO reweights what the base model
+already does. Had each adjective been drawn on its own, the 27 adjectives would be interchangeable to the base
+model, their output embeddings nearly equal, and "positive" no direction it knows: DPO with LoRA then moves the
+share of positive words only by rotating the hidden states so far that the grammar breaks (measured: the share
+stalls below 0.5, or the grammar goes first). Real reviews, and the IMDB reviews of the DPO paper, have one
+sentiment each; so do these, and the base model learns "positive" as one direction it can be moved along.
 
 Everything is built by this module from fixed seeds, offline, in about a minute on a 2-core CPU, and cached
 under `cache_root()/toy` (see `toy_model_path` and `toy_data_files`). `python -m lora_dpo.toy` builds both.
@@ -24,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-WORLD_VERSION = "1"  # part of the cache key: bump it whenever the words, grammar, tokenizer or model change
+WORLD_VERSION = "2"  # part of the cache key (with a digest of this file): bump it when the world changes
 
 # ---------------------------------------------------------------------------------------------- the world
 POSITIVE = ("superb", "wonderful", "brilliant", "charming", "delightful", "gripping", "clever", "beautiful", "moving")
@@ -33,52 +44,33 @@ NEUTRAL = ("long", "short", "loud", "quiet", "simple", "modern", "familiar", "or
 ASPECTS = ("acting", "plot", "music", "ending", "dialogue", "pacing", "cast", "story", "script", "soundtrack",
            "setting", "camera")
 VERBS = ("was", "is", "felt", "seemed")
-# every slot is named by the token before it (the -> aspect -> verb -> adjective -> "."), so that the adjective
-# slot is hard to mistake for another one when DPO moves the hidden state there
+# Every slot is named by the token before it (the -> aspect -> verb -> adjective -> "."), so that an adjective
+# slot is hard to mistake for another slot when DPO moves the hidden state there.
 SENTENCES = tuple(f"the {{aspect}} {verb} {{adj}} ." for verb in VERBS)
+VERDICTS = (("i loved it .", POSITIVE), ("i hated it .", NEGATIVE), ("i watched it .", NEUTRAL))
+MIN_SENTENCES, MAX_SENTENCES = 3, 4  # adjective sentences after the verdict
 TITLE_WORDS = (("night", "silver", "last", "hidden", "northern", "red", "winter", "lost"),
                ("train", "garden", "river", "king", "letter", "harbor", "mountain", "island"))
 REQUESTS = ("write a review of {title} .", "write a brief review of {title} .", "review {title} .",
             "what did you think of {title} ?", "tell me about {title} .")
-# Requests for a given tone, seen in pretraining only: the base model learns that sentiment exists and how to
-# write it when asked, as a real pretrained model knows, so "positive" is a direction it can move along.
-# Without them the 27 adjectives are interchangeable to the model, and DPO, finding no sentiment direction to
-# reweight, tears the grammar apart long before the positive share moves (see the README's toy section).
-TONES = {"glowing": POSITIVE, "scathing": NEGATIVE}
-TONED_SYSTEM = "you write {tone} reviews ."  # the tone is set by a system message, which neutral requests never have
-TONED_SHARE = float(os.environ.get("TOY_TONED", "0.4"))  # share of pretraining requests that ask for a tone
-MIN_SENTENCES, MAX_SENTENCES = 3, 4
 
 _WORD = re.compile(r"[a-z]+")
 _POSITIVE, _NEGATIVE, _NEUTRAL = frozenset(POSITIVE), frozenset(NEGATIVE), frozenset(NEUTRAL)
 _SENTENCE = re.compile(rf"the (?P<aspect>[a-z]+) (?:{'|'.join(VERBS)}) (?P<adj>[a-z]+) \.")
 
 
-def _title(rng: random.Random) -> str:
-    return "the " + " ".join(rng.choice(words) for words in TITLE_WORDS)
-
-
 def sample_prompt(rng: random.Random) -> str:
-    """A neutral request for a review of one of the 64 titles, in one of 5 phrasings."""
-    return rng.choice(REQUESTS).format(title=_title(rng))
+    """A request for a review of one of the 64 titles, in one of 5 phrasings."""
+    title = "the " + " ".join(rng.choice(words) for words in TITLE_WORDS)
+    return rng.choice(REQUESTS).format(title=title)
 
 
-def sample_review(rng: random.Random, adjectives: tuple = (POSITIVE, NEGATIVE, NEUTRAL)) -> str:
-    """A review: 3-4 sentences about distinct aspects; each sentence's adjective comes from one of the
-    `adjectives` lists drawn uniformly, by default the NEUTRAL generator (positive, negative, neutral: 1/3 each)."""
-    return " ".join(
-        rng.choice(SENTENCES).format(aspect=aspect, adj=rng.choice(rng.choice(adjectives)))
-        for aspect in rng.sample(ASPECTS, rng.randint(MIN_SENTENCES, MAX_SENTENCES))
-    )
-
-
-def _pretraining_example(rng: random.Random) -> tuple[str | tuple, str]:
-    """(prompt, review): a neutral request and a neutral review, or (TONED_SHARE of the time) a request for a
-    glowing or scathing review and a review whose every adjective has that tone."""
-    if rng.random() < TONED_SHARE:
-        tone, words = rng.choice(list(TONES.items()))
-        return (TONED_SYSTEM.format(tone=tone), sample_prompt(rng)), sample_review(rng, (words,))
-    return sample_prompt(rng), sample_review(rng)
+def sample_review(rng: random.Random) -> str:
+    """A review from the NEUTRAL generator: a verdict drawn uniformly from VERDICTS, then 3-4 sentences about
+    distinct aspects, each with an adjective from the verdict's list."""
+    verdict, adjectives = rng.choice(VERDICTS)
+    aspects = rng.sample(ASPECTS, rng.randint(MIN_SENTENCES, MAX_SENTENCES))
+    return " ".join([verdict] + [rng.choice(SENTENCES).format(aspect=a, adj=rng.choice(adjectives)) for a in aspects])
 
 
 def _words(text: str) -> list[str]:
@@ -101,15 +93,16 @@ def positive_share(text: str) -> float:
 
 
 def is_grammatical(text: str) -> bool:
-    """True when `text` is 3-4 sentences of the review grammar with world aspects and adjectives
-    (repeated aspects are allowed: the generator avoids them, the grammar does not forbid them)."""
+    """True when `text` is a verdict then 3-4 sentences of the review grammar, with world aspects and adjectives.
+    Form only: repeated aspects, or adjectives that disagree with the verdict, are still grammatical."""
     sentences = [s.strip() + " ." for s in text.strip().split(" .") if s.strip()]
-    if not text.strip().endswith(" .") or not MIN_SENTENCES <= len(sentences) <= MAX_SENTENCES:
+    if not text.strip().endswith(" .") or not MIN_SENTENCES + 1 <= len(sentences) <= MAX_SENTENCES + 1:
         return False
-    for sentence in sentences:
+    if sentences[0] not in {verdict for verdict, _ in VERDICTS}:
+        return False
+    for sentence in sentences[1:]:
         m = _SENTENCE.fullmatch(sentence)
-        adjectives = _POSITIVE | _NEGATIVE | _NEUTRAL
-        if m is None or m["aspect"] not in ASPECTS or m["adj"] not in adjectives:
+        if m is None or m["aspect"] not in ASPECTS or m["adj"] not in _POSITIVE | _NEGATIVE | _NEUTRAL:
             return False
     return True
 
@@ -138,14 +131,19 @@ CHAT_TEMPLATE = (  # <|role|>content<|end|> per turn; the generation prompt open
 )
 
 
+def _review_sentences() -> list[str]:
+    """Every sentence a review can hold: the 3 verdicts, then all 1,296 adjective sentences."""
+    adjective_sentences = [s.format(aspect=a, adj=w) for s in SENTENCES for a in ASPECTS
+                           for w in POSITIVE + NEGATIVE + NEUTRAL]
+    return [verdict for verdict, _ in VERDICTS] + adjective_sentences
+
+
 def _tokenizer_corpus() -> list[str]:
-    """Every prompt, every sentence form and every world word, so that each word becomes one BPE token
-    (with its leading space; the few words that can open a text also without it)."""
-    vocab = POSITIVE + NEGATIVE + NEUTRAL + ASPECTS + TITLE_WORDS[0] + TITLE_WORDS[1]
+    """Every prompt and every review sentence, alone (so the words that open a text are tokens without a leading
+    space) and joined (so every word is a token with one)."""
     prompts = [r.format(title=f"the {a} {b}") for r in REQUESTS for a in TITLE_WORDS[0] for b in TITLE_WORDS[1]]
-    prompts += [TONED_SYSTEM.format(tone=tone) for tone in TONES]
-    sentences = [s.format(aspect=a, adj=w) for s in SENTENCES for a in ASPECTS for w in POSITIVE + NEGATIVE + NEUTRAL]
-    return prompts + sentences + [" ".join(sentences), " ".join(vocab)]  # joined: " i" and " the" open sentences
+    sentences = _review_sentences()
+    return prompts + sentences + [" ".join(sentences)]
 
 
 def build_tokenizer():
@@ -179,11 +177,11 @@ def build_tokenizer():
 MODEL = dict(  # every linear layer's in/out features are multiples of 64: bitsandbytes quantises in blocks of 64
     hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
     max_position_embeddings=128, tie_word_embeddings=False,
-)  # 2 layers reach the held-out loss of 4 (1.325 nats/token, the grammar's entropy is 1.309) in half the time
+)  # 2 layers learn this grammar as well as 4 (same held-out loss) in half the time
 PRETRAIN = dict(
     seed=0,
     steps=900,  # optimizer steps, ~0.04 s each on 2 CPU cores; the grammar is learnt in ~200, the rest sharpens it
-    batch_size=32,  # (prompt, review) sequences per step, ~32 tokens each, ~20 of them review tokens
+    batch_size=32,  # (prompt, review) sequences per step, ~33 tokens each, ~23 of them review tokens
     lr=1e-2,  # peak AdamW learning rate (high: the model is tiny), after `warmup` steps, then cosine decay to 0
     warmup=30,
     weight_decay=0.0,
@@ -192,9 +190,8 @@ PRETRAIN = dict(
 
 def _reply_token_ids(tokenizer) -> list[int]:
     """Ids of every token a review can contain, EOS included."""
-    sentences = [s.format(aspect=a, adj=w) for s in SENTENCES for a in ASPECTS for w in POSITIVE + NEGATIVE + NEUTRAL]
     ids = {tokenizer.eos_token_id}
-    for sentence in sentences:  # at a review's start ("the") and in its middle (" the")
+    for sentence in _review_sentences():  # at a review's start ("i") and in its middle (" the")
         for text in (sentence, " " + sentence):
             ids.update(tokenizer(text, add_special_tokens=False)["input_ids"])
     return sorted(ids)
@@ -222,7 +219,7 @@ def pretrain_base_model(tokenizer):
     # of byte tokens at once.
     never_said = torch.ones(config.vocab_size, dtype=torch.bool)
     never_said[_reply_token_ids(tokenizer)] = False
-    prompt_ids: dict[str, list[int]] = {}  # only 1280 distinct prompts: render each chat template once
+    prompt_ids: dict[str, list[int]] = {}  # only 320 distinct prompts: render each chat template once
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg["seed"])
         model = LlamaForCausalLM(config)
@@ -237,13 +234,11 @@ def pretrain_base_model(tokenizer):
                 group["lr"] = cfg["lr"] * lr_scale
             seqs, labels = [], []
             for _ in range(cfg["batch_size"]):
-                prompt, review = _pretraining_example(rng)
+                prompt = sample_prompt(rng)
                 if prompt not in prompt_ids:
-                    messages = prompt if isinstance(prompt, str) else [
-                        {"role": "system", "content": prompt[0]}, {"role": "user", "content": prompt[1]}]
-                    prompt_ids[prompt] = encode_prompt(tokenizer, messages)
+                    prompt_ids[prompt] = encode_prompt(tokenizer, prompt)
                 p = prompt_ids[prompt]
-                c = encode_completion(tokenizer, review)
+                c = encode_completion(tokenizer, sample_review(rng))
                 seqs.append(p + c)
                 labels.append([-100] * len(p) + c)
             width = max(map(len, seqs))
@@ -262,7 +257,7 @@ def pretrain_base_model(tokenizer):
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = None
-    model.generation_config.max_new_tokens = 48  # a review is at most 25 tokens
+    model.generation_config.max_new_tokens = 48  # a review is at most 25 tokens, EOS included
     return model, loss.item()
 
 

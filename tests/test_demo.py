@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lora_dpo.config import load_recipe
 from lora_dpo.generate import generate
-from lora_dpo.toy import positive_share, toy_model_path
+from lora_dpo.toy import is_grammatical, positive_share, toy_model_path
 from lora_dpo.trainer import train
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "toy.yaml"
@@ -30,9 +30,9 @@ def test_toy_recipe_raises_behaviour_score_and_reward_accuracy(toy_run):
     saved = json.loads((out / "eval.json").read_text())
     assert saved == final
     before, after = final["baseline"]["behaviour"], final["behaviour"]
-    assert 0.25 < before < 0.45  # the neutral base writes about one positive adjective in three
-    assert after > before + 0.08, (before, after)
-    assert final["rewards/accuracies"] > 0.65  # held-out pairs, chance is 0.5
+    assert 0.15 < before < 0.55  # the base's reviews are positive, negative or neutral in about equal shares
+    assert after > before + 0.3, (before, after)  # measured 0.348 -> 0.914
+    assert final["rewards/accuracies"] > 0.8  # held-out pairs, chance is 0.5; measured 0.925
     assert final["rewards/margins"] > 0
     assert final["pairs"] == 200 and final["skipped_steps"] == 0
 
@@ -46,5 +46,8 @@ def test_toy_adapter_loads_with_plain_peft_and_writes_more_positive_reviews(toy_
     tuned = generate(model, tok, prompts, max_new_tokens=48, seed=1)
     reference = generate(model, tok, prompts, adapter=False, max_new_tokens=48, seed=1)
     score = lambda texts: sum(map(positive_share, texts)) / len(texts)  # noqa: E731
-    assert score(tuned) > score(reference) + 0.05, (score(reference), score(tuned))
+    grammatical = lambda texts: sum(map(is_grammatical, texts)) / len(texts)  # noqa: E731
+    assert score(tuned) > score(reference) + 0.3, (score(reference), score(tuned))
+    # pure DPO at the recipe's learning rate moves the sentiment, not the language: no likelihood collapse
+    assert grammatical(tuned) >= grammatical(reference) - 0.1, (grammatical(reference), grammatical(tuned))
     assert all(torch.isfinite(p).all() for p in model.parameters())

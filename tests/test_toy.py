@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lora_dpo import toy
 from lora_dpo.data import encode_completion, encode_prompt
 
-WORLD_WORDS = toy.POSITIVE + toy.NEGATIVE + toy.NEUTRAL + toy.ASPECTS + toy.TITLE_WORDS[0] + toy.TITLE_WORDS[1]
+ADJECTIVES = toy.POSITIVE + toy.NEGATIVE + toy.NEUTRAL
+WORLD_WORDS = ADJECTIVES + toy.ASPECTS + toy.VERBS + toy.TITLE_WORDS[0] + toy.TITLE_WORDS[1]
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,8 @@ def toy_tokenizer():
     "text, score",
     [
         ("the acting was superb . the plot felt dull . the music was loud .", 0),  # +1 -1, loud is neutral
-        ("the acting was superb . the plot is brilliant . the music was loud .", 2),  # +2
+        # +2: "loved" is not one of the adjectives
+        ("i loved it . the acting was superb . the plot is brilliant . the music was loud .", 2),
         ("The Acting Was SUPERB! the ending seemed awful, the cast terrible and the script weak.", -2),  # +1 -3
         ("the plot was there .", 0),  # no adjective of the world
         ("", 0),
@@ -38,7 +40,7 @@ def test_sentiment_score_is_positive_minus_negative_words(text, score):
     "text, share",
     [
         ("the acting was superb . the plot felt dull . the music was loud .", 1 / 3),  # 1 of 3 slots
-        ("the acting was superb . the plot is brilliant . the music was loud . the cast was weak .", 2 / 4),
+        ("i hated it . the acting was superb . the plot is brilliant . the music is loud . the cast was weak .", 2 / 4),
         ("the story was charming . the ending seemed moving . the cast felt clever .", 1.0),
         ("the story was quiet . the ending seemed tedious .", 0.0),  # slots, none positive
         ("the plot was there .", 0.0),  # no slot at all
@@ -58,30 +60,42 @@ def test_word_lists_are_disjoint_and_prompts_carry_no_sentiment():
 
 
 def test_neutral_generator_gives_each_sentiment_a_third_of_the_slots():
-    """3000 reviews hold ~10,500 adjective slots, each positive with p = 1/3 independently, so the pooled share
-    has a standard deviation of sqrt((1/3)(2/3)/10500) = 0.0046: a tolerance of 0.02 is over 4 of them, while
-    a generator that favoured one list by even 3 points in 100 would fail."""
+    """6000 reviews hold ~21,000 adjective slots, but a review's slots share its verdict, so the review is the
+    unit: the pooled share has variance (2/9) E[n^2] / (N E[n]^2) for n = 3 or 4 slots, a standard deviation of
+    sqrt(0.2268 / 6000) = 0.0061. A tolerance of 0.025 is 4 of them, while a generator that favoured one verdict
+    by 3 points in 100 would fail."""
     rng = random.Random(123)
-    reviews = " ".join(toy.sample_review(rng) for _ in range(3000))
-    words = reviews.split()
-    slots = sum(w in toy.POSITIVE + toy.NEGATIVE + toy.NEUTRAL for w in words)
-    assert slots > 10_000
-    assert toy.positive_share(reviews) == pytest.approx(1 / 3, abs=0.02)
-    assert sum(w in toy.NEGATIVE for w in words) / slots == pytest.approx(1 / 3, abs=0.02)
+    reviews = [toy.sample_review(rng) for _ in range(6000)]
+    words = " ".join(reviews).split()
+    slots = sum(w in ADJECTIVES for w in words)
+    assert slots > 20_000
+    assert toy.positive_share(" ".join(reviews)) == pytest.approx(1 / 3, abs=0.025)
+    assert sum(w in toy.NEGATIVE for w in words) / slots == pytest.approx(1 / 3, abs=0.025)
+
+
+def test_every_adjective_of_a_review_follows_its_verdict():
+    rng = random.Random(0)
+    for _ in range(300):
+        verdict, *sentences = toy.sample_review(rng).split(" . ")
+        adjectives = [s.rstrip(" .").split()[-1] for s in sentences]
+        expected = dict((v.rstrip(" ."), words) for v, words in toy.VERDICTS)[verdict]
+        assert 3 <= len(adjectives) <= 4 and all(a in expected for a in adjectives)
 
 
 def test_generated_reviews_are_grammatical_and_broken_ones_are_not():
     rng = random.Random(0)
     assert all(toy.is_grammatical(toy.sample_review(rng)) for _ in range(500))
-    good = "the acting was superb . the plot is dull . the music seemed loud ."
-    assert toy.is_grammatical(good)
+    good = "i hated it . the acting was superb . the plot is dull . the music seemed loud ."
+    assert toy.is_grammatical(good)  # form only: an adjective may disagree with the verdict
     for bad in [
-        "the acting was superb . the plot felt dull .",  # 2 sentences
-        "the acting was superb . " * 5,  # 5 sentences
-        "the acting was superb . i found the plot is dull . the music was loud .",
-        "the acting was superb . the was dull . the music was loud .",  # no aspect
-        "the acting was good . the plot felt dull . the music was loud .",  # adjective not of the world
-        "the acting was superb . the plot felt dull . the music was loud",  # unfinished
+        "the acting was superb . the plot is dull . the music seemed loud .",  # no verdict
+        "i adored it . the acting was superb . the plot is dull . the music seemed loud .",  # not a verdict
+        "i loved it . the acting was superb . the plot felt dull .",  # 2 sentences
+        "i loved it . " + "the acting was superb . " * 5,  # 5 sentences
+        "i loved it . the acting was superb . the plot was was dull . the music was loud .",
+        "i loved it . the acting was superb . the was dull . the music was loud .",  # no aspect
+        "i loved it . the acting was good . the plot felt dull . the music was loud .",  # not a world adjective
+        "i loved it . the acting was superb . the plot felt dull . the music was loud",  # unfinished
         "",
     ]:
         assert not toy.is_grammatical(bad), bad
@@ -107,7 +121,7 @@ def test_make_pairs_is_deterministic_for_a_seed_and_differs_across_seeds():
 
 # ----------------------------------------------------------------------------------------------- tokenizer
 def test_tokenizer_encodes_every_world_word_as_one_token(toy_tokenizer):
-    for word in WORLD_WORDS + ("the", "was", "is", "felt", "seemed", "a", "review", ".", "?"):
+    for word in WORLD_WORDS + ("the", "loved", "hated", "watched", "it", "a", "review", ".", "?"):
         assert len(toy_tokenizer(" " + word, add_special_tokens=False)["input_ids"]) == 1, word
     rng = random.Random(0)  # in context too, including the first word of a prompt or a review (no space)
     for text in [toy.sample_prompt(rng) for _ in range(100)] + [toy.sample_review(rng) for _ in range(100)]:
@@ -117,8 +131,8 @@ def test_tokenizer_encodes_every_world_word_as_one_token(toy_tokenizer):
 @pytest.mark.parametrize(
     "text",
     [
-        "the acting was superb . the plot is dull . the music seemed loud .",
-        "write a short review of the night train .",
+        "i loved it . the acting was superb . the plot is dull . the music seemed loud .",
+        "write a brief review of the night train .",
         "Any text at all: naïve café, 42 + 7 = 49, emoji 🎬, tabs\tand\nnewlines.",
     ],
 )
@@ -132,10 +146,11 @@ def test_chat_template_and_special_tokens(toy_tokenizer):
     messages = [
         {"role": "system", "content": "be brief ."},
         {"role": "user", "content": "review the red king ."},
-        {"role": "assistant", "content": "the plot was dull ."},
+        {"role": "assistant", "content": "i hated it . the plot was dull ."},
     ]
     assert tok.apply_chat_template(messages, tokenize=False) == (
-        "<|system|>be brief .<|end|><|user|>review the red king .<|end|><|assistant|>the plot was dull .<|end|>"
+        "<|system|>be brief .<|end|><|user|>review the red king .<|end|><|assistant|>i hated it . the plot was dull ."
+        "<|end|>"
     )
     assert tok.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True).endswith(
         "<|end|><|assistant|>"
@@ -218,7 +233,7 @@ def test_toy_model_builds_once_loads_and_speaks_the_world(monkeypatch, tmp_path,
     assert model.generation_config.eos_token_id == tok.eos_token_id == model.config.eos_token_id
 
     rng = random.Random(0)
-    prompts = [toy.sample_prompt(rng) for _ in range(48)]
+    prompts = [toy.sample_prompt(rng) for _ in range(96)]
     tok.padding_side = "left"
     ids = [encode_prompt(tok, p) for p in prompts]
     width = max(map(len, ids))
@@ -229,6 +244,7 @@ def test_toy_model_builds_once_loads_and_speaks_the_world(monkeypatch, tmp_path,
     new = out[:, width:]
     assert (new == tok.eos_token_id).any(dim=1).all()  # every sample ended its turn
     reviews = tok.batch_decode(new, skip_special_tokens=True)
-    assert sum(map(toy.is_grammatical, reviews)) >= 0.9 * len(reviews)
-    # the base is neutral: 48 reviews hold ~170 slots, so the share's standard deviation is ~0.036
-    assert sum(map(toy.positive_share, reviews)) / len(reviews) == pytest.approx(1 / 3, abs=0.12)
+    assert sum(map(toy.is_grammatical, reviews)) >= 0.9 * len(reviews)  # measured: 0.97-0.99
+    # The base is neutral. A review's share is ~0 or ~1 (its verdict decides), so the mean over 96 reviews has a
+    # standard deviation of sqrt((2/9) / 96) = 0.048: 0.15 is 3 of them; a base that loved half the titles fails.
+    assert sum(map(toy.positive_share, reviews)) / len(reviews) == pytest.approx(1 / 3, abs=0.15)
