@@ -15,6 +15,8 @@ from .errors import UserError
 EXAMPLES = """examples:
   lora-dpo train recipes/toy.yaml
   lora-dpo train recipes/qwen2.5-1.5b-8gb.yaml data.train=my_pairs.jsonl train.lr=1e-5
+  lora-dpo compare --adapter runs/toy --prompt "write a review of the night river ."
+  lora-dpo app
 """
 
 
@@ -35,9 +37,14 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("recipe", help="path to a YAML recipe")
     d.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. data.train=pairs.jsonl")
     d.add_argument("--json", action="store_true", help="print the report as JSON")
+    from .compare import add_parser as add_compare_parser
     from .export import add_parser as add_export_parser
 
+    add_compare_parser(sub)
     add_export_parser(sub)
+    from lora_dpo_app.main import add_parser as add_app_parser
+
+    add_app_parser(sub)
     return p
 
 
@@ -69,8 +76,16 @@ def main(argv: list[str] | None = None) -> int:
 
             report = inspect_data(load_recipe(args.recipe, args.overrides))
             print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
+        elif args.command == "compare":
+            from .compare import run
+
+            return run(args)
         elif args.command == "export":
             from .export import run
+
+            return run(args)
+        elif args.command == "app":
+            from lora_dpo_app.main import run
 
             return run(args)
     except UserError as exc:

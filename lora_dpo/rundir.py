@@ -105,6 +105,16 @@ def run_info(device: torch.device, fingerprints: dict) -> dict:
     return info
 
 
+def touch_run_info(out: Path, **updates) -> None:
+    """Rewrite run_info.json with `updates` (a resumed run: its mtime tells readers the run is live again)."""
+    path = out / "run_info.json"
+    try:
+        info = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        info = {}
+    atomic_text(path, json.dumps({**info, **updates}, indent=2))
+
+
 def _git_commit() -> str | None:
     """The commit of the lora-dpo checkout this code runs from, when it runs from one."""
     here = Path(__file__).resolve().parent

@@ -192,6 +192,7 @@ def train(recipe: Recipe) -> dict:
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer, scheduler, accelerator.scaler)
         rundir.truncate_metrics(out / "metrics.jsonl", state.step)
+        rundir.touch_run_info(out, total_steps=total_steps)  # a live reader (the app) sees the run resume
         log(f"resuming from {resume_from} (step {state.step} of {total_steps})")
     else:
         state = TrainerState()
@@ -201,7 +202,8 @@ def train(recipe: Recipe) -> dict:
         (out / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2))
         fingerprints = {"train": rundir.data_fingerprint(train_pairs, recipe.model.name),
                         "eval": rundir.data_fingerprint(eval_pairs, recipe.model.name)}
-        (out / "run_info.json").write_text(json.dumps(rundir.run_info(device, fingerprints), indent=2))
+        info = {**rundir.run_info(device, fingerprints), "total_steps": total_steps}
+        (out / "run_info.json").write_text(json.dumps(info, indent=2))
     if t.report_to:
         accelerator.init_trackers("lora-dpo", config=_flat(to_dict(recipe)))
 

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from tiny import chatml_tokenizer, llama3_tokenizer, plain_tokenizer, save_tiny
+from tiny import chatml_tokenizer, llama3_tokenizer, plain_tokenizer, save_random_adapter, save_tiny
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -45,3 +45,16 @@ def tiny_llama(tmp_path_factory):
 def tiny_qwen2(tmp_path_factory):
     """Path to a saved tiny Qwen2 with a ChatML tokenizer."""
     return save_tiny(tmp_path_factory.mktemp("tiny-qwen2"), arch="qwen2", tokenizer="chatml")
+
+
+@pytest.fixture(scope="session")
+def strong_adapter(tmp_path_factory, tiny_qwen2):
+    """A LoRA adapter on the tiny Qwen2 whose random B matrices move log-probs by tenths of a nat, so that
+    an adapter lost or mangled on the way (a merge, a comparison) shows; tokenizer files beside it."""
+    return save_random_adapter(tmp_path_factory.mktemp("strong-adapter"), tiny_qwen2, seed=0)
+
+
+@pytest.fixture(scope="session")
+def other_adapter(tmp_path_factory, tiny_qwen2):
+    """A second such adapter on the same base, from another seed."""
+    return save_random_adapter(tmp_path_factory.mktemp("other-adapter"), tiny_qwen2, seed=1)

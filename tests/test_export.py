@@ -58,22 +58,6 @@ def trained_run(tmp_path_factory, tiny_llama):
     return root / "run"
 
 
-@pytest.fixture(scope="module")
-def strong_adapter(tmp_path_factory, tiny_qwen2):
-    """A LoRA adapter on the tiny Qwen2 whose random B matrices move log-probs by tenths of a nat, so that
-    a merge that lost or mangled it shows; tokenizer files beside it, as the trainer writes them."""
-    folder = tmp_path_factory.mktemp("strong-adapter")
-    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2)
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
-    gen = torch.Generator().manual_seed(0)
-    for name, p in peft.named_parameters():
-        if "lora_B" in name:
-            p.data = torch.randn(p.shape, generator=gen) * 0.1
-    peft.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tiny_qwen2).save_pretrained(folder)
-    return folder
-
-
 def base_plus_adapter(base, adapter, dtype=torch.float32):
     return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=dtype), str(adapter)).eval()
 

@@ -98,3 +98,20 @@ def save_tiny(folder: Path, arch: str = "llama", tokenizer: str = "chatml", seed
     tok.save_pretrained(folder)
     model.save_pretrained(folder)
     return folder
+
+
+def save_random_adapter(folder: Path, base: Path, seed: int = 0, scale: float = 0.1) -> Path:
+    """A LoRA adapter (r=4, every linear layer) on the saved model `base` whose B matrices are random (std
+    `scale`), so that it moves log-probs visibly; saved in peft's format with the base's tokenizer beside it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in peft.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=gen) * scale
+    peft.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(base).save_pretrained(folder)
+    return folder

@@ -1,0 +1,74 @@
+"""The Export tab: a finished run's adapter, or the adapter merged into a 16-bit base, into exports/; then,
+optionally, a push to the Hub. The work is lora_dpo.export's and lora_dpo.hub's, as in `lora-dpo export`.
+
+A token typed here is used for this one upload and forgotten: it is not written to disk, to a log, to the
+run directory, and the field is emptied when the export is submitted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from lora_dpo.errors import UserError
+from lora_dpo.export import export
+from lora_dpo.hub import check_repo_id, push
+from lora_dpo.merge import DTYPES
+
+from .workspace import Workspace
+
+
+class ExportTab:
+    def __init__(self, ws: Workspace):
+        self.ws = ws
+
+    def export(self, run: str, out: str, overwrite: bool, merge: bool, dtype: str, to_hub: bool, repo_id: str,
+               private: bool, token: str):
+        """-> (result markdown, token field emptied)."""
+        lines: list[str] = []
+        try:
+            source = self.ws.resolve(run, "runs", what="run")
+            target = self.ws.resolve(out or f"exports/{Path(run).name}", "exports", what="output folder")
+            repo = check_repo_id(repo_id.strip()) if to_hub else None
+            result = export(source, target, merge=merge, dtype=dtype, overwrite=overwrite, repo_id=repo,
+                            log=lines.append)
+            text = [f"**exported** to `{self.ws.show(result.out)}`", "```", result.summary(), "```"]
+            if repo:
+                pushed = push(result.out, repo, private=private, token=(token or "").strip() or None)
+                text += ["**pushed**", "```", pushed.listing(), "```"]
+        except UserError as exc:  # said on the page (not as a pop-up) so that the token field is emptied too
+            return f"**error**: {exc}", ""
+        if lines:
+            text += ["notes:", *[f"- {line}" for line in lines]]
+        return "\n".join(text), ""
+
+    def refresh(self, current: str | None):
+        runs = self.ws.finished_runs()
+        return gr.update(choices=runs, value=current or (runs[-1] if runs else None))
+
+    def build(self) -> None:
+        runs = self.ws.finished_runs()
+        with gr.Row():
+            run = gr.Dropdown(choices=runs, value=runs[-1] if runs else None, allow_custom_value=True,
+                              label="finished run (or a run folder inside runs/)", elem_id="export-run")
+            out = gr.Textbox(label="output folder (inside exports/)", placeholder="exports/<run name>",
+                             elem_id="export-out")
+            overwrite = gr.Checkbox(label="replace the output folder if it exists")
+            refresh = gr.Button("refresh runs", scale=0)
+        with gr.Row():
+            merge = gr.Checkbox(label="merge into a 16-bit copy of the base (else: the adapter alone)")
+            dtype = gr.Dropdown(choices=list(DTYPES), value="bf16", label="merged dtype")
+        with gr.Row():
+            to_hub = gr.Checkbox(label="push to the Hugging Face Hub")
+            repo_id = gr.Textbox(label="repository (owner/name)")
+            private = gr.Checkbox(label="private", value=True)
+            token = gr.Textbox(label="token (else HF_TOKEN or `hf auth login`; never stored)", type="password",
+                               elem_id="token")
+        go = gr.Button("Export", variant="primary", elem_id="export")
+        result = gr.Markdown(elem_id="export-result")
+        go.click(self.export, [run, out, overwrite, merge, dtype, to_hub, repo_id, private, token], [result, token],
+                 api_name="export")
+        run.change(lambda r: f"exports/{Path(r).name}" if r else "", run, out, api_visibility="private")
+        refresh.click(self.refresh, run, run, api_visibility="private")
+        self.run = run

@@ -1,0 +1,85 @@
+"""`lora-dpo app`: the Gradio app (Train, Compare, Export tabs) on the folders of one workspace.
+
+Binds to 127.0.0.1 unless --host says otherwise; --share (a public gradio.live link) is never implied;
+--auth USER:PASSWORD or LORA_DPO_APP_AUTH asks for a login.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+
+from lora_dpo.errors import UserError
+
+AUTH_ENV = "LORA_DPO_APP_AUTH"
+
+
+def build_app(ws, jobs=None):
+    """The app's Blocks for workspace `ws`; `jobs` is its one-job slot (a JobManager)."""
+    import gradio as gr
+
+    from .compare_tab import CompareTab
+    from .export_tab import ExportTab
+    from .jobs import JobManager
+    from .train_tab import TrainTab
+
+    jobs = jobs or JobManager()
+    with gr.Blocks(title="lora-dpo") as demo:
+        gr.Markdown("## lora-dpo · DPO with a LoRA adapter on a 4-bit base")
+        with gr.Tab("Train", id="train"):
+            train = TrainTab(ws, jobs)
+            train.build()
+        with gr.Tab("Compare", id="compare") as compare_tab:
+            compare = CompareTab(ws)
+            compare.build()
+        with gr.Tab("Export", id="export") as export_tab:
+            export = ExportTab(ws)
+            export.build()
+        demo.load(train.load_fields, train.recipe, train.fields, api_visibility="private")
+        # runs finished since the page loaded appear when their tab is opened
+        compare_tab.select(compare.refresh, compare.adapters[0], compare.adapters, api_visibility="private")
+        export_tab.select(export.refresh, export.run, export.run, api_visibility="private")
+    demo.jobs = jobs
+    return demo
+
+
+def add_parser(sub) -> None:
+    a = sub.add_parser("app", help="open the Gradio app: train and watch, compare answers, export",
+                       description="Open the Gradio app on this folder's recipes/, runs/, data/ and exports/.")
+    a.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
+    a.add_argument("--port", type=int, default=7860, help="port (default %(default)s)")
+    a.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    a.add_argument("--auth", metavar="USER:PASSWORD", help=f"ask for this login (or set {AUTH_ENV})")
+    a.add_argument("--workdir", default=".", help="the workspace folder (default: the current folder)")
+    a.add_argument("--data-dir", default="data", metavar="DIR", help="data files the app may read (default data/)")
+
+
+def parse_auth(text: str | None):
+    text = text or os.environ.get(AUTH_ENV)
+    if not text:
+        return None
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise UserError(f"--auth / {AUTH_ENV}: expected USER:PASSWORD")
+    return user, password
+
+
+def run(args) -> int:
+    try:
+        import gradio
+    except ImportError:
+        raise UserError("the app needs gradio: pip install gradio") from None
+    del gradio  # imported only to say what is missing before anything starts
+    from .workspace import Workspace
+
+    auth = parse_auth(args.auth)
+    if (args.share or args.host not in ("127.0.0.1", "localhost")) and auth is None:
+        print("warning: the app is reachable from other machines and asks for no login; "
+              "consider --auth USER:PASSWORD", file=sys.stderr)
+    ws = Workspace.at(args.workdir, data=args.data_dir)
+    demo = build_app(ws)
+    atexit.register(demo.jobs.shutdown)  # a job still running is stopped safely (checkpoint) when the app exits
+    demo.queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port,
+                                                   share=args.share, auth=auth)
+    return 0

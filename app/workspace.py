@@ -1,0 +1,79 @@
+"""The folders the app may read and write, and the check every typed path goes through.
+
+A path typed into the app resolves inside one of the workspace's folders (recipes, runs, data, exports),
+symlinks followed, or it is refused: the app may be shared on a network, and a text box is not a shell.
+Model and dataset names that are not paths (`toy`, a Hub id such as `Qwen/Qwen2.5-1.5B-Instruct`) pass.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from lora_dpo.errors import UserError
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path  # relative paths typed into the app are relative to this folder
+    recipes: Path
+    runs: Path
+    data: Path
+    exports: Path
+
+    @classmethod
+    def at(cls, root: str | Path, recipes=None, runs=None, data=None, exports=None) -> "Workspace":
+        root = Path(root).expanduser().resolve()
+        folder = lambda given, name: (root / Path(given).expanduser() if given else root / name).resolve()  # noqa: E731
+        ws = cls(root, folder(recipes, "recipes"), folder(runs, "runs"), folder(data, "data"), folder(exports, "exports"))
+        for path in (ws.runs, ws.exports):
+            path.mkdir(parents=True, exist_ok=True)
+        return ws
+
+    def folders(self, *kinds: str) -> list[Path]:
+        return [getattr(self, k) for k in kinds]
+
+    def resolve(self, text: str, *kinds: str, what: str = "path") -> Path:
+        """`text` as an absolute path inside one of the folders `kinds` ('recipes', 'runs', 'data',
+        'exports'); anything else raises UserError naming the field and the allowed folders."""
+        text = (text or "").strip()
+        if not text:
+            raise UserError(f"{what}: empty")
+        path = Path(text).expanduser()
+        path = (path if path.is_absolute() else self.root / path).resolve()
+        allowed = self.folders(*kinds)
+        if not any(path == folder or folder in path.parents for folder in allowed):
+            names = ", ".join(self.show(f) for f in allowed)
+            raise UserError(f"{what}: {text} is outside the app's folders ({names}); refused")
+        return path
+
+    def is_path_like(self, text: str) -> bool:
+        """A name that means a file or folder (rather than `toy` or a Hub id)."""
+        text = text.strip()
+        return (text.startswith(("/", ".", "~")) or text.endswith(DATA_SUFFIXES) or "\\" in text
+                or not HUB_ID.match(text) or (self.root / text).exists())
+
+    def check_name_or_path(self, text: str, *kinds: str, what: str) -> str:
+        """A model or dataset field: `toy` or a Hub id pass unchanged; a path must lie inside `kinds`."""
+        if text.strip() == "toy" or not self.is_path_like(text):
+            return text.strip()
+        return str(self.resolve(text, *kinds, what=what))
+
+    def show(self, path: Path) -> str:
+        """A path as the user reads it: relative to the workspace root when inside it."""
+        try:
+            return str(Path(path).resolve().relative_to(self.root)) or "."
+        except ValueError:
+            return str(path)
+
+    def recipe_files(self) -> list[str]:
+        return sorted(self.show(p) for p in self.recipes.rglob("*.yaml")) if self.recipes.is_dir() else []
+
+    def finished_runs(self) -> list[str]:
+        """Run directories (any depth under runs/) with a final adapter."""
+        found = (p.parent.parent for p in self.runs.rglob("adapter/adapter_config.json"))
+        return sorted({self.show(p) for p in found if (p / "config.yaml").is_file()})

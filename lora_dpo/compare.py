@@ -1,0 +1,223 @@
+"""Answers side by side: the reference (adapter off) and one tuned adapter, or adapter A and adapter B, for
+the same prompts and sampling settings, each answer with its implicit reward beta * log(pi_theta/pi_ref).
+
+    Comparer.load([run_or_adapter, ...], base=None)         one base model, one or two adapters on it
+    comparer.compare(prompts, Sampling(...), score_with)    -> list[Row]
+
+`lora-dpo compare` (add_parser, run, at the end) and the app's Compare tab both call this module.
+The reference pane is the same network with peft's adapter switched off (`disable_adapter()`), exactly the
+pi_ref of training; A and B are two named adapters on one base, so two runs need one base in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .errors import UserError, first_line
+
+REFERENCE = "reference"
+DEFAULT_BETA = 0.1  # for a bare adapter folder whose run recipe (and so its beta) is unknown
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.7  # 0 decodes greedily
+    top_p: float = 1.0  # nucleus sampling: keep the smallest set of tokens with this much probability
+    max_new_tokens: int = 128  # tokens generated per answer
+    seed: int = 0  # same seed, same answers; every pane samples from the same seed
+
+    def check(self) -> None:
+        for name, ok, want in (("temperature", 0 <= self.temperature <= 5, "between 0 and 5"),
+                               ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+                               ("max_new_tokens", 1 <= self.max_new_tokens <= 4096, "between 1 and 4096")):
+            if not ok:
+                raise UserError(f"{name}: must be {want}, got {getattr(self, name)}")
+
+
+@dataclass
+class Adapter:
+    label: str  # "tuned" (one adapter), or "A" / "B"
+    path: str  # the adapter folder
+    run: Optional[str]  # the run directory it came from, when known
+    beta: float  # the run's loss.beta: rewards are in the units training used
+
+
+@dataclass
+class Row:
+    prompt: str
+    answers: dict[str, str]  # pane label -> answer ("reference", "tuned") or ("A", "B")
+    rewards: dict[str, float]  # pane label -> implicit reward of that answer under the scoring adapter
+    score_with: str  # label of the adapter whose beta * log(pi/pi_ref) scores every answer
+
+
+@dataclass
+class Comparer:
+    model: object  # a PeftModel with every adapter loaded
+    tokenizer: object
+    adapters: list[Adapter]
+    base: str
+    device: str
+    panes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, sources: Sequence[str], base: Optional[str] = None, device: Optional[str] = None,
+             beta: Optional[float] = None, log=lambda msg: print(msg, file=sys.stderr)) -> "Comparer":
+        """Load the base once (as the first run trained it: 4-bit NF4 unless its recipe says otherwise) and
+        attach each adapter under its own name. `sources`: one or two run directories or adapter folders."""
+        import torch
+        from peft import PeftModel
+
+        from .export import _load_tokenizer, resolve_source
+        from .model import load_base_model
+
+        if not 1 <= len(sources) <= 2:
+            raise UserError(f"--adapter: give one adapter (reference vs tuned) or two (A vs B), got {len(sources)}")
+        srcs = [resolve_source(s, base) for s in sources]
+        if len(srcs) == 2 and srcs[0].base_name != srcs[1].base_name:
+            raise UserError(f"--adapter: the two adapters have different bases ({srcs[0].base_name} and "
+                            f"{srcs[1].base_name}); compare adapters of one base, or pass --base to force one")
+        labels = ["tuned"] if len(srcs) == 1 else ["A", "B"]
+        adapters = []
+        for label, src in zip(labels, srcs):
+            run_beta = ((src.recipe or {}).get("loss") or {}).get("beta")
+            b = beta if beta is not None else run_beta if isinstance(run_beta, (int, float)) else DEFAULT_BETA
+            adapters.append(Adapter(label, str(src.adapter_dir), str(src.run_dir) if src.run_dir else None, float(b)))
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model_cfg = _model_config(srcs[0])
+        log(f"loading {srcs[0].base_name} ({model_cfg.quantization}) on {dev} with {len(srcs)} adapter(s)")
+        model = load_base_model(model_cfg, dev)
+        try:
+            model = PeftModel.from_pretrained(model, str(srcs[0].adapter_dir), adapter_name=labels[0])
+            if len(srcs) == 2:
+                model.load_adapter(str(srcs[1].adapter_dir), adapter_name=labels[1])
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise UserError(f"cannot attach the adapter to {srcs[0].base_name}: {first_line(exc)}") from None
+        model.eval()
+        panes = [REFERENCE, "tuned"] if len(srcs) == 1 else ["A", "B"]
+        return cls(model, _load_tokenizer(srcs[0]), adapters, srcs[0].base_name, str(dev), panes)
+
+    def compare(self, prompts: Sequence[str], sampling: Sampling = Sampling(), score_with: Optional[str] = None,
+                batch_size: int = 8) -> list[Row]:
+        """One answer per pane per prompt, all panes sampled from the same seed; every answer scored by the
+        implicit reward of `score_with` (default: the first adapter)."""
+        from .generate import generate, implicit_rewards
+
+        prompts = [p for p in (str(p).strip() for p in prompts) if p]
+        if not prompts:
+            raise UserError("no prompt given: type at least one prompt")
+        sampling.check()
+        by_label = {a.label: a for a in self.adapters}
+        score_with = score_with or self.adapters[0].label
+        if score_with not in by_label:
+            raise UserError(f"score_with: '{score_with}' is not one of {', '.join(by_label)}")
+        settings = dict(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                        top_p=sampling.top_p, seed=sampling.seed, batch_size=batch_size)
+        answers: dict[str, list[str]] = {}
+        for pane in self.panes:
+            if pane == REFERENCE:  # the adapter really off: pi_ref as in training
+                answers[pane] = generate(self.model, self.tokenizer, prompts, adapter=False, **settings)
+            else:
+                self.model.set_adapter(pane)
+                answers[pane] = generate(self.model, self.tokenizer, prompts, adapter=True, **settings)
+        scorer = by_label[score_with]
+        self.model.set_adapter(score_with)
+        rewards = {pane: implicit_rewards(self.model, self.tokenizer, prompts, [a or " " for a in texts], scorer.beta)
+                   for pane, texts in answers.items()}
+        return [Row(p, {pane: answers[pane][i] for pane in self.panes},
+                    {pane: rewards[pane][i] for pane in self.panes}, score_with) for i, p in enumerate(prompts)]
+
+
+def _model_config(src):
+    """The run's model section (quantisation, dtype, revision ...) when the run is known, else the defaults."""
+    from .config import ModelConfig, _build
+
+    section = dict((src.recipe or {}).get("model") or {})
+    section["name"] = src.base_name
+    if src.revision is not None:
+        section["revision"] = src.revision
+    known = {f for f in ModelConfig.__dataclass_fields__}
+    return _build(ModelConfig, {k: v for k, v in section.items() if k in known}, "model.")
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a file: .json / .jsonl rows with a `prompt` string, or plain text with one prompt per line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"--prompts-file {path}: cannot be read: {first_line(exc)}") from None
+    if path.suffix not in (".json", ".jsonl"):
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    try:
+        rows = json.loads(text) if path.suffix == ".json" else [json.loads(l) for l in text.splitlines() if l.strip()]
+    except json.JSONDecodeError as exc:
+        raise UserError(f"--prompts-file {path}: not valid JSON: {exc}") from None
+    prompts = []
+    for i, row in enumerate(rows if isinstance(rows, list) else [rows]):
+        prompt = row.get("prompt") if isinstance(row, dict) else row
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise UserError(f"--prompts-file {path}: row {i} has no 'prompt' string")
+        prompts.append(prompt)
+    return prompts
+
+
+def format_rows(rows: list[Row], comparer: Comparer) -> str:
+    lines = [f"base: {comparer.base}"]
+    lines += [f"{a.label}: {a.run or a.path} (beta {a.beta:g})" for a in comparer.adapters]
+    if rows:
+        lines.append(f"rewards: beta * log(pi/pi_ref) of each answer under {rows[0].score_with}")
+    width = max(len(p) for p in comparer.panes)
+    for i, row in enumerate(rows, 1):
+        lines += ["", f"[{i}] {row.prompt}"]
+        lines += [f"  {pane:<{width}}  {row.rewards[pane]:+8.3f}  {row.answers[pane]}" for pane in comparer.panes]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------- the CLI
+
+EXAMPLES = """examples:
+  lora-dpo compare --adapter runs/toy --prompt "write a review of the night river ."
+  lora-dpo compare --adapter runs/a --adapter runs/b --prompts-file prompts.txt --json
+"""
+
+
+def add_parser(sub) -> None:
+    import argparse
+
+    c = sub.add_parser("compare", help="answers of the reference and a tuned adapter (or two adapters), side by side",
+                       description="Sample answers for the same prompts from the reference (adapter off) and the "
+                                   "tuned adapter, or from adapters A and B, with each answer's implicit reward.",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("--adapter", action="append", required=True, metavar="DIR",
+                   help="a run directory or adapter folder; twice to compare two adapters of one base")
+    c.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
+    c.add_argument("--prompts-file", metavar="FILE", help="prompts: one per line, or .json/.jsonl rows with 'prompt'")
+    c.add_argument("--temperature", type=float, default=Sampling.temperature, help="0 decodes greedily (default %(default)s)")
+    c.add_argument("--top-p", type=float, default=Sampling.top_p, help="nucleus sampling (default %(default)s)")
+    c.add_argument("--max-new-tokens", type=int, default=Sampling.max_new_tokens, help="default %(default)s")
+    c.add_argument("--seed", type=int, default=Sampling.seed, help="sampling seed, the same for every pane")
+    c.add_argument("--score-with", choices=["tuned", "A", "B"], help="adapter whose implicit reward scores the answers")
+    c.add_argument("--beta", type=float, help="beta of the rewards (default: the run's loss.beta)")
+    c.add_argument("--base", help="the base model, when the adapter's own record does not say it")
+    c.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    c.add_argument("--json", action="store_true", help="print the rows as JSON")
+
+
+def run(args) -> int:
+    prompts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
+    if not prompts:
+        raise UserError("give at least one --prompt TEXT or a --prompts-file FILE")
+    sampling = Sampling(args.temperature, args.top_p, args.max_new_tokens, args.seed)
+    sampling.check()  # before the model loads
+    comparer = Comparer.load(args.adapter, base=args.base, device=args.device, beta=args.beta)
+    rows = comparer.compare(prompts, sampling, args.score_with)
+    if args.json:
+        print(json.dumps({"base": comparer.base, "adapters": [asdict(a) for a in comparer.adapters],
+                          "sampling": asdict(sampling), "rows": [asdict(r) for r in rows]}, indent=2))
+    else:
+        print(format_rows(rows, comparer))
+    return 0
