@@ -17,11 +17,16 @@ same number of them.
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Iterator
 
 import torch
+from accelerate.utils import DistributedType
 
+from .checkpoint import STATE_FILE
+from .errors import ConfigError
 from .metrics import PairStats
 
 
@@ -43,8 +48,6 @@ def is_main_process() -> bool:
 
 def is_sharded(accelerator) -> bool:
     """True when the base model's weights are split across processes (FSDP, DeepSpeed ZeRO-3)."""
-    from accelerate.utils import DistributedType
-
     if accelerator.distributed_type == DistributedType.FSDP:
         return True
     plugin = accelerator.state.deepspeed_plugin
@@ -54,8 +57,6 @@ def is_sharded(accelerator) -> bool:
 def configure_deepspeed(accelerator, batch_size: int, max_grad_norm: float) -> None:
     """DeepSpeed reads the micro-batch size and the clipping norm from its own config; fill them from the
     recipe (accelerate could only infer the batch size from a DataLoader, which this loop does not use)."""
-    from accelerate.utils import DistributedType
-
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return
     cfg = accelerator.state.deepspeed_plugin.deepspeed_config
@@ -171,3 +172,41 @@ def max_over_processes(accelerator, value: float) -> float:
     if accelerator.num_processes == 1:
         return value
     return float(accelerator.gather(torch.tensor([value], dtype=torch.float64, device=accelerator.device)).max())
+
+
+# ------------------------------------------------------------------------------ steps, checkpoints, resume
+
+
+def clip_params(accelerator, model, params):
+    """What to pass to `accelerator.clip_grad_norm_`: the adapter's parameters, or under FSDP the module's."""
+    # FSDP clips through the wrapped module, which accelerate recognises by its full parameter list
+    return model.parameters() if accelerator.distributed_type == DistributedType.FSDP else params
+
+
+def gathered_adapter(accelerator, model) -> dict:
+    """The whole adapter of a model sharded across processes (FSDP, ZeRO-3), gathered: every process must
+    call this. Keys as the peft model names them."""
+    full = accelerator.get_state_dict(model)
+    prefix = "policy."
+    return {k[len(prefix):]: v for k, v in (full or {}).items() if "lora_" in k}
+
+
+def check_same_global_batch(checkpoint: Path, t, world: int) -> None:
+    """A checkpoint resumes with any number of processes that keeps its global batch (pairs per optimizer
+    step): the data stream, the step count and the schedule are then those of the interrupted run."""
+    saved = json.loads((checkpoint / STATE_FILE).read_text())
+    before = saved.get("pairs_per_step", 0)
+    now = t.batch_size * t.grad_accum * world
+    if not before or before == now:
+        return
+    hints = []
+    if before % (t.grad_accum * world) == 0:
+        hints.append(f"train.batch_size={before // (t.grad_accum * world)}")
+    if before % (t.batch_size * world) == 0:
+        hints.append(f"train.grad_accum={before // (t.batch_size * world)}")
+    hint = f"; with {world} process(es) set {' or '.join(hints)}" if hints else ""
+    raise ConfigError(
+        f"train.batch_size: {checkpoint} was written with a global batch of {before} pairs per step "
+        f"({saved.get('processes', 1)} process(es)); this run would take {now} (train.batch_size {t.batch_size} x "
+        f"train.grad_accum {t.grad_accum} x {world} process(es)). A resumed run must keep the global batch{hint}"
+    )

@@ -17,18 +17,18 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, gather_object, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from . import rundir
-from .checkpoint import (STATE_FILE, TrainerState, complete_checkpoints, find_resume_checkpoint, load_checkpoint,
+from .checkpoint import (TrainerState, checkpoint_dir, complete_checkpoints, find_resume_checkpoint, load_checkpoint,
                          rng_state, save_checkpoint)
 from .config import Recipe, save_recipe, to_dict
 from .data import EncodedPair, build_datasets, collate
-from .distributed import (PairStream, PolicyLogps, configure_deepspeed, is_main_process, is_sharded,
-                          max_over_processes, pack_stats, policy_of, reduce_stats, reduce_sum, shards,
-                          step_micro_batches, unpack_stats, wants_cpu)
+from .distributed import (PairStream, PolicyLogps, check_same_global_batch, clip_params, configure_deepspeed,
+                          gathered_adapter, is_main_process, is_sharded, max_over_processes, pack_stats, policy_of,
+                          reduce_stats, reduce_sum, shards, step_micro_batches, unpack_stats, wants_cpu)
 from .errors import ConfigError, UserError
 from .generate import generate, load_scorer
 from .logps import SequenceLogps
@@ -160,7 +160,7 @@ def train(recipe: Recipe) -> dict:
         rundir.check_fresh(out, recipe.overwrite or bool(recipe.resume))
     else:
         _check_same_recipe(recipe, out / "config.yaml")
-        _check_same_global_batch(resume_from, recipe, world)
+        check_same_global_batch(resume_from, recipe.train, world)
     if recipe.eval.scorer:
         load_scorer(recipe.eval.scorer)  # a bad scorer is a recipe error, reported before the model loads
     set_seed(t.seed)
@@ -236,16 +236,15 @@ def train(recipe: Recipe) -> dict:
     if t.report_to:
         accelerator.init_trackers("lora-dpo", config=_flat(to_dict(recipe)))
 
-    def checkpoint() -> Path | None:
+    def checkpoint() -> Path:
         """All processes call this: their RNG states go to the main one, which writes the checkpoint."""
         rngs = gather_object([rng_state()]) if world > 1 else None
-        adapter = _adapter_state_dict(accelerator, model) if sharded else None
-        path = None
+        adapter = gathered_adapter(accelerator, model) if sharded else None
         if main:
-            path = save_checkpoint(out, state, policy, None if sharded else optimizer, scheduler, accelerator.scaler,
-                                   t.keep_last, rngs, adapter)
+            save_checkpoint(out, state, policy, None if sharded else optimizer, scheduler, accelerator.scaler,
+                            t.keep_last, rngs, adapter)
         accelerator.wait_for_everyone()
-        return path
+        return checkpoint_dir(out) / f"step-{state.step}"
 
     with _out_of_memory_advice(), StopRequest() as stop:
         # 5. Reference log-probs, once; and the baseline: before training the policy *is* the reference
@@ -286,7 +285,7 @@ def train(recipe: Recipe) -> dict:
             # The last micro-batch synchronised the gradients: each is now the mean over the step's pairs.
             assert accelerator.sync_gradients, "micro-batches out of step with accelerate's accumulation"
             clip = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
-            grad_norm = float(accelerator.clip_grad_norm_(_clip_params(accelerator, model, params), clip))
+            grad_norm = float(accelerator.clip_grad_norm_(clip_params(accelerator, model, params), clip))
             # One reduction per step: the metric sums, and whether any process saw a non-finite loss or
             # gradient norm, or was asked to stop; so every process skips, logs and stops alike.
             local_bad = not (finite and math.isfinite(grad_norm))
@@ -361,7 +360,7 @@ def train(recipe: Recipe) -> dict:
         metrics.close()
         state.window = PairStats().state()
         checkpoint()
-    adapter = _adapter_state_dict(accelerator, model) if sharded else None
+    adapter = gathered_adapter(accelerator, model) if sharded else None
     if main:
         with rundir.staged_dir(out / "adapter") as tmp:
             save_adapter(policy, tokenizer, tmp, adapter)
@@ -381,40 +380,6 @@ class _Discard:
 
     def close(self) -> None:
         pass
-
-
-def _clip_params(accelerator, model, params):
-    # FSDP clips through the wrapped module, which accelerate recognises by its full parameter list
-    return model.parameters() if accelerator.distributed_type == DistributedType.FSDP else params
-
-
-def _adapter_state_dict(accelerator, model) -> dict:
-    """The whole adapter of a model sharded across processes (FSDP, ZeRO-3), gathered: every process must
-    call this. Keys as the peft model names them."""
-    full = accelerator.get_state_dict(model)
-    prefix = "policy."
-    return {k[len(prefix):]: v for k, v in (full or {}).items() if "lora_" in k}
-
-
-def _check_same_global_batch(checkpoint: Path, recipe: Recipe, world: int) -> None:
-    """A checkpoint resumes with any number of processes that keeps its global batch (pairs per optimizer
-    step): the data stream, the step count and the schedule are then those of the interrupted run."""
-    saved = json.loads((checkpoint / STATE_FILE).read_text())
-    before, t = saved.get("pairs_per_step", 0), recipe.train
-    now = t.batch_size * t.grad_accum * world
-    if not before or before == now:
-        return
-    hints = []
-    if before % (t.grad_accum * world) == 0:
-        hints.append(f"train.batch_size={before // (t.grad_accum * world)}")
-    if before % (t.batch_size * world) == 0:
-        hints.append(f"train.grad_accum={before // (t.batch_size * world)}")
-    hint = f"; with {world} process(es) set {' or '.join(hints)}" if hints else ""
-    raise ConfigError(
-        f"train.batch_size: {checkpoint} was written with a global batch of {before} pairs per step "
-        f"({saved.get('processes', 1)} process(es)); this run would take {now} (train.batch_size {t.batch_size} x "
-        f"train.grad_accum {t.grad_accum} x {world} process(es)). A resumed run must keep the global batch{hint}"
-    )
 
 
 # Keys a resumed run may change: how long it trains and what it records, not what it computes.
