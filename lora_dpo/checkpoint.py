@@ -30,9 +30,9 @@ class TrainerState:
     """Where the loop stands, in plain numbers (JSON)."""
 
     step: int = 0  # optimizer steps taken
-    micro: int = 0  # micro-batches consumed
-    epoch: int = 0  # epoch of the next micro-batch
-    batch_in_epoch: int = 0  # micro-batches of that epoch already consumed
+    pairs_seen: int = 0  # pairs of the data stream consumed (the epochs' permutations end to end)
+    pairs_per_step: int = 0  # the global batch, batch_size x grad_accum x processes (0: not yet known)
+    processes: int = 1  # processes that wrote the checkpoint
     skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient norm
     window: dict = field(default_factory=dict)  # metrics of a logging window still open at save time
     baseline: dict = field(default_factory=dict)  # the reference model's eval metrics (for eval.json)
@@ -42,8 +42,13 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def save_checkpoint(run_dir: Path, state: TrainerState, model, optimizer, scheduler, scaler=None, keep_last=None) -> Path:
-    """Write `checkpoints/step-{state.step}` atomically; prune to the newest `keep_last`. Returns the folder."""
+def save_checkpoint(run_dir: Path, state: TrainerState, model, optimizer, scheduler, scaler=None, keep_last=None,
+                    rng_states: list[dict] | None = None, adapter_state: dict | None = None) -> Path:
+    """Write `checkpoints/step-{state.step}` atomically; prune to the newest `keep_last`. Returns the folder.
+
+    `rng_states`: every process's `rng_state()`, in process order (default: this process's only).
+    `adapter_state`: the adapter's weights when `model` holds only a shard of them (FSDP, ZeRO-3); then
+    `optimizer` is None: its state is sharded too, and a resumed run restarts its moments."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step}"
@@ -51,12 +56,14 @@ def save_checkpoint(run_dir: Path, state: TrainerState, model, optimizer, schedu
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    model.save_pretrained(str(tmp / "adapter"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    model.save_pretrained(str(tmp / "adapter"), state_dict=adapter_state)
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     if scaler is not None:
         torch.save(scaler.state_dict(), tmp / "scaler.pt")
-    torch.save(_rng_state(), tmp / "rng.pt")
+    rng_states = rng_states or [rng_state()]
+    torch.save({**rng_states[0], "processes": rng_states}, tmp / "rng.pt")  # top level: process 0's
     (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
     _fsync_dir(tmp)
     if final.exists():  # a checkpoint of the same step from an earlier attempt: replace it whole
@@ -107,22 +114,36 @@ def find_resume_checkpoint(run_dir: Path, resume) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, scaler=None) -> TrainerState:
-    """Restore everything `save_checkpoint` wrote; returns the loop position."""
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler=None, rank: int = 0, processes: int = 1) -> TrainerState:
+    """Restore everything `save_checkpoint` wrote; returns the loop position. Each process takes its own RNG
+    states when the checkpoint was written by as many processes, else those of process 0."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     adapter = load_file(str(path / "adapter" / "adapter_model.safetensors"))
     set_peft_model_state_dict(model, adapter)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    if optimizer is not None:
+        if (path / "optimizer.pt").exists():
+            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+        else:
+            print(f"notice: {path} holds no optimizer state (a sharded run's); the optimizer starts afresh",
+                  file=sys.stderr)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     if scaler is not None and (path / "scaler.pt").exists():
         scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=False))
-    _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
-    return TrainerState(**json.loads((path / STATE_FILE).read_text()))
+    rng = torch.load(path / "rng.pt", weights_only=False)
+    per_process = rng.get("processes", [])
+    _set_rng_state(per_process[rank] if len(per_process) == processes else rng)
+    saved = json.loads((path / STATE_FILE).read_text())
+    if "pairs_seen" not in saved:
+        from .errors import ConfigError
+
+        raise ConfigError(f"resume: {path} was written by an earlier lora-dpo that counted its data position in "
+                          "micro-batches; start a new output_dir")
+    return TrainerState(**saved)
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()

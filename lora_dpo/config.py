@@ -28,6 +28,7 @@ class ModelConfig:
     revision: Optional[str] = None  # Hub branch, tag or commit of `name`
     quantization: Literal["nf4", "none"] = "nf4"  # nf4: 4-bit NormalFloat base (bitsandbytes); none: 16/32-bit
     double_quant: bool = True  # also quantise the 4-bit scales (saves ~0.4 bit per weight)
+    quant_storage: Literal["auto", "uint8", "bf16", "fp16", "fp32"] = "auto"  # dtype holding the packed 4-bit weights; auto: uint8, or the compute dtype under FSDP / DeepSpeed ZeRO-3 (which need it to shard them)
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # compute dtype; auto: bf16 where the GPU has it, else fp16 on GPU, fp32 on CPU
     attn_implementation: Optional[str] = None  # e.g. sdpa, eager, flash_attention_2; None lets transformers choose
     gradient_checkpointing: bool = True  # recompute activations in backward: much less memory for ~30% more time
@@ -287,7 +288,19 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), base: dict |
         tree = _fix_yaml_floats(loaded)
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(tree, key, value)
-    return _build(Recipe, tree, "")
+    recipe = _build(Recipe, tree, "")
+    _check_across_keys(recipe)
+    return recipe
+
+
+def _check_across_keys(recipe: Recipe) -> None:
+    """Rules that tie two keys together."""
+    m = recipe.model
+    if m.quant_storage not in ("auto", "uint8") and m.dtype != "auto" and m.quant_storage != m.dtype:
+        raise ConfigError(
+            f"model.quant_storage: a floating storage dtype must equal model.dtype ({m.dtype}), got {m.quant_storage}: "
+            "FSDP shards the 4-bit weights together with the other parameters, which are in the compute dtype"
+        )
 
 
 def to_dict(recipe: Recipe) -> dict:

@@ -18,6 +18,10 @@ import torch
 class PairStats:
     """Sums over pairs, so that means over micro-batches and eval batches weigh every pair equally."""
 
+    # the per-pair sums `add` keeps, in a fixed order (processes reduce them as one vector)
+    SUMMED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+              "logps/chosen", "logps/rejected")
+
     def __init__(self):
         self.pairs = 0
         self.tokens = 0  # non-padding tokens processed (prompt + completions, both sequences)

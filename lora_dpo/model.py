@@ -88,8 +88,24 @@ def disable_cpu_repacking(model: torch.nn.Module) -> int:
     return n
 
 
-def load_base_model(cfg: ModelConfig, device: torch.device):
-    """The frozen base model, in 4-bit NF4 with double quantisation when asked and possible, else 16/32-bit."""
+def quant_storage_dtype(cfg: ModelConfig, dtype: torch.dtype, sharded: bool) -> torch.dtype:
+    """The dtype the packed 4-bit weights are stored in. FSDP and DeepSpeed ZeRO-3 shard a model by flattening
+    its parameters, which must then share one floating dtype: the compute dtype. Unsharded, uint8 (the default
+    of bitsandbytes) is the plain choice."""
+    if cfg.quant_storage == "auto":
+        return dtype if sharded else torch.uint8
+    storage = torch.uint8 if cfg.quant_storage == "uint8" else _DTYPES[cfg.quant_storage]
+    if sharded and storage != dtype:
+        raise ConfigError(
+            f"model.quant_storage: FSDP / DeepSpeed ZeRO-3 shard the 4-bit weights only when they are stored in the "
+            f"compute dtype ({str(dtype).removeprefix('torch.')}), got {cfg.quant_storage}; leave it at auto"
+        )
+    return storage
+
+
+def load_base_model(cfg: ModelConfig, device: torch.device, sharded: bool = False):
+    """The frozen base model, in 4-bit NF4 with double quantisation when asked and possible, else 16/32-bit.
+    `sharded`: FSDP or DeepSpeed ZeRO-3 will split it across processes (no device map; see quant_storage_dtype)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     name = resolve_model_name(cfg.name)
@@ -105,11 +121,13 @@ def load_base_model(cfg: ModelConfig, device: torch.device):
                 bnb_4bit_quant_type="nf4",
                 bnb_4bit_use_double_quant=cfg.double_quant,
                 bnb_4bit_compute_dtype=dtype,
+                bnb_4bit_quant_storage=quant_storage_dtype(cfg, dtype, sharded),
             )
         else:
             print(f"notice: 4-bit NF4 unavailable ({reason}); loading the base in {dtype}", file=sys.stderr)
-    if device.type == "cuda":
-        # quantised weights are placed as they load, never staged whole in CPU memory
+    if device.type == "cuda" and not sharded:
+        # quantised weights are placed as they load, never staged whole in CPU memory (a sharding engine
+        # places them itself: accelerate sets transformers up to load them for FSDP / ZeRO-3)
         kwargs["device_map"] = {"": device.index or 0}
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
@@ -149,9 +167,9 @@ def attach_lora(model, cfg: LoraConfig, gradient_checkpointing: bool):
         raise ConfigError(f"lora.target_modules: {first_line(exc)}") from None
 
 
-def load_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig, device: torch.device):
+def load_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig, device: torch.device, sharded: bool = False):
     """Base + fresh LoRA adapter: the policy, whose adapter-disabled self is the reference."""
-    base = load_base_model(model_cfg, device)
+    base = load_base_model(model_cfg, device, sharded)
     return attach_lora(base, lora_cfg, model_cfg.gradient_checkpointing)
 
 
@@ -166,7 +184,8 @@ def trainable_parameters(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def save_adapter(model, tokenizer, folder: str | Path) -> None:
-    """Write the adapter in peft's format with the tokenizer files beside it."""
-    model.save_pretrained(str(folder))
+def save_adapter(model, tokenizer, folder: str | Path, state_dict: dict | None = None) -> None:
+    """Write the adapter in peft's format with the tokenizer files beside it. `state_dict`: the adapter's
+    weights gathered from processes that each hold a shard of them (FSDP, ZeRO-3)."""
+    model.save_pretrained(str(folder), state_dict=state_dict)
     tokenizer.save_pretrained(str(folder))

@@ -2,6 +2,8 @@
 
 Read `train()` top to bottom: it checks the recipe and the data before any model loads, computes the
 reference log-probs once, then runs the optimizer steps and writes the run directory of DESIGN.md.
+The same loop runs in several processes under `accelerate launch` (see distributed.py); only the main
+process writes the run directory and the terminal.
 """
 
 from __future__ import annotations
@@ -15,47 +17,49 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from . import rundir
-from .checkpoint import TrainerState, complete_checkpoints, find_resume_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (TrainerState, checkpoint_dir, complete_checkpoints, find_resume_checkpoint, load_checkpoint,
+                         rng_state, save_checkpoint)
 from .config import Recipe, save_recipe, to_dict
 from .data import EncodedPair, build_datasets, collate
+from .distributed import (PairStream, PolicyLogps, check_same_global_batch, clip_params, configure_deepspeed,
+                          gathered_adapter, is_main_process, is_sharded, max_over_processes, pack_stats, policy_of,
+                          reduce_stats, reduce_sum, shards, step_micro_batches, unpack_stats, wants_cpu)
 from .errors import ConfigError, UserError
 from .generate import generate, load_scorer
-from .logps import sequence_logps
+from .logps import SequenceLogps
 from .losses import LENGTH_NORMALIZED_BY_DEFAULT, chosen_nll, preference_loss
 from .metrics import MetricsLog, PairStats, peak_memory_gb
 from .model import load_policy, load_tokenizer, reference_model, save_adapter, trainable_parameters
 from .stopping import Interrupted, StopRequest
 
+
 def log(msg: str) -> None:
-    tqdm.write(msg, file=sys.stderr)
-
-
-def batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The epoch's batches of positions, from a permutation seeded by (seed, epoch): the data order is a pure
-    function of the recipe, so a run can be replayed (and later resumed) exactly."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    if is_main_process():
+        tqdm.write(msg, file=sys.stderr)
 
 
 @torch.no_grad()
-def reference_logps(model, pairs: list[EncodedPair], batch_size: int, pad_id: int, device) -> torch.Tensor:
+def reference_logps(model, pairs: list[EncodedPair], batch_size: int, pad_id: int, accelerator) -> torch.Tensor:
     """[len(pairs), 2] summed log pi_ref of (chosen, rejected), computed once with the adapter disabled.
 
     The reference never changes during offline DPO, so this one pass replaces a reference forward in every
-    training step (about a third of a step's compute)."""
+    training step (about a third of a step's compute). Each process computes its share of the rows and
+    leaves the others at zero; a sum over processes then assembles the table, exactly."""
     out = torch.zeros(len(pairs), 2)
     model.eval()
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        b = _to(collate(chunk, pad_id), device)
-        with reference_model(model):
-            sums = sequence_logps(model, b["input_ids"], b["attention_mask"], b["loss_mask"]).sums
-        out[start : start + len(chunk)] = sums.view(2, -1).T.cpu()
+    for idx, ghost in shards(len(pairs), batch_size, accelerator.process_index, accelerator.num_processes):
+        b = _to(collate([pairs[i] for i in idx], pad_id), accelerator.device)
+        with reference_model(policy_of(model)):
+            sums, _ = model(b["input_ids"], b["attention_mask"], b["loss_mask"])
+        if not ghost:
+            out[idx[0] : idx[-1] + 1] = sums.view(2, -1).T.cpu()
+    if accelerator.num_processes > 1:
+        out = accelerator.reduce(out.to(accelerator.device), reduction="sum").cpu()
     return out
 
 
@@ -64,12 +68,13 @@ def _to(batch: dict, device) -> dict:
 
 
 def pair_losses(recipe: Recipe, model, batch: dict, ref_sums: torch.Tensor | None, stats: PairStats):
-    """Loss of one batch of pairs: one concatenated forward of [chosen; rejected], the reference from the
-    precomputed table or a no-grad adapter-off pass. Adds the batch's metrics to `stats`; returns the mean loss."""
-    policy = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    """Loss of one batch of pairs: one concatenated forward of [chosen; rejected] through `model` (a prepared
+    `PolicyLogps`), the reference from the precomputed table or a no-grad adapter-off pass. Adds the batch's
+    metrics to `stats`; returns the mean loss."""
+    policy = SequenceLogps(*model(batch["input_ids"], batch["attention_mask"], batch["loss_mask"]))
     if ref_sums is None:
-        with reference_model(model):
-            ref = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"]).sums
+        with reference_model(policy_of(model)):
+            ref, _ = model(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
     else:
         ref = ref_sums.T.reshape(-1).to(policy.sums.device)  # [B, 2] -> [chosen..., rejected...]
     norm = recipe.loss.length_normalize
@@ -93,19 +98,20 @@ def pair_losses(recipe: Recipe, model, batch: dict, ref_sums: torch.Tensor | Non
 
 
 @torch.no_grad()
-def evaluate(recipe: Recipe, model, pairs: list[EncodedPair], ref: torch.Tensor, pad_id: int, device) -> dict:
-    """Metrics of the policy on held-out pairs, every pair weighted equally."""
+def evaluate(recipe: Recipe, model, pairs: list[EncodedPair], ref: torch.Tensor, pad_id: int, accelerator) -> dict:
+    """Metrics of the policy on held-out pairs, every pair weighted equally, split across processes."""
     model.eval()
     stats = PairStats()
-    bs = recipe.eval.batch_size
-    for start in range(0, len(pairs), bs):
-        batch = _to(collate(pairs[start : start + bs], pad_id), device)
-        pair_losses(recipe, model, batch, ref[start : start + bs], stats)
-    return stats.means()
+    for idx, ghost in shards(len(pairs), recipe.eval.batch_size, accelerator.process_index, accelerator.num_processes):
+        batch = _to(collate([pairs[i] for i in idx], pad_id), accelerator.device)
+        pair_losses(recipe, model, batch, ref[idx], PairStats() if ghost else stats)
+    return reduce_stats(accelerator, stats).means()
 
 
 def behaviour_score(recipe: Recipe, model, tokenizer, pairs: list[EncodedPair], adapter: bool) -> float | None:
-    """Mean scorer value over responses sampled for held-out prompts (None when the recipe has no scorer)."""
+    """Mean scorer value over responses sampled for held-out prompts (None when the recipe has no scorer).
+    `model` is the peft model. Every process samples the same prompts from the same seed, so all of them get
+    the same score without communicating (and under FSDP their collective forwards stay in step)."""
     if not recipe.eval.scorer or recipe.eval.num_prompts == 0 or not pairs:
         return None
     scorer = load_scorer(recipe.eval.scorer)
@@ -142,6 +148,9 @@ def train(recipe: Recipe) -> dict:
     Raises `Interrupted` after a safe stop (checkpoint written) and `UserError` for what the user can fix."""
     t = recipe.train
     out = Path(recipe.output_dir)
+    procs = PartialState(cpu=wants_cpu())  # one process, or one of several under `accelerate launch`
+    world = procs.num_processes
+    pairs_per_step = t.batch_size * t.grad_accum * world  # the global batch
     resume_from = None
     if recipe.resume:
         resume_from = find_resume_checkpoint(out, recipe.resume)
@@ -151,33 +160,45 @@ def train(recipe: Recipe) -> dict:
         rundir.check_fresh(out, recipe.overwrite or bool(recipe.resume))
     else:
         _check_same_recipe(recipe, out / "config.yaml")
+        check_same_global_batch(resume_from, recipe.train, world)
     if recipe.eval.scorer:
         load_scorer(recipe.eval.scorer)  # a bad scorer is a recipe error, reported before the model loads
     set_seed(t.seed)
 
-    # 1. Data, checked before any model loads (only the tokenizer is needed to tokenise).
-    tokenizer = load_tokenizer(recipe.model)
-    train_pairs, eval_pairs, report = build_datasets(recipe.data, tokenizer, t.seed)
+    # 1. Data, checked before any model loads (only the tokenizer is needed to tokenise). One process per
+    #    machine fills the caches (the toy world, datasets) before the others read them.
+    with procs.local_main_process_first():
+        tokenizer = load_tokenizer(recipe.model)
+        train_pairs, eval_pairs, report = build_datasets(recipe.data, tokenizer, t.seed)
     log(report.summary())
     if recipe.eval.max_pairs:
         eval_pairs = eval_pairs[: recipe.eval.max_pairs]
 
     # 2. Device, precision, trackers, model.
-    device = PartialState().device  # the process's device, known before the precision is chosen
+    device = procs.device  # the process's device, known before the precision is chosen
     accelerator = Accelerator(
+        cpu=wants_cpu(),
         mixed_precision=mixed_precision(recipe, device.type),
         gradient_accumulation_steps=t.grad_accum,
+        step_scheduler_with_optimizer=False,  # our schedule counts optimizer steps, not steps x processes
         log_with=list(t.report_to) or None,
         project_dir=str(out),
+        # the buffers (rotary frequencies) are constants: broadcasting them before every forward is wasted
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
     )
+    main, rank = accelerator.is_main_process, accelerator.process_index
+    sharded = is_sharded(accelerator)
+    configure_deepspeed(accelerator, t.batch_size, t.max_grad_norm)
     if t.optimizer == "paged_adamw_8bit":
         make_optimizer(recipe, [])  # fail now, not after the model has loaded
-    model = load_policy(recipe.model, recipe.lora, device)
+    policy = load_policy(recipe.model, recipe.lora, device, sharded)
 
-    # 3. Schedule: optimizer steps from epochs (or max_steps); warmup then decay.
-    micro_per_epoch = math.ceil(len(train_pairs) / t.batch_size)
-    total_steps = t.max_steps or max(1, math.ceil(t.epochs * micro_per_epoch / t.grad_accum))
-    params = trainable_parameters(model)
+    # 3. Schedule: optimizer steps from epochs (or max_steps); warmup then decay. Each step averages exactly
+    #    `pairs_per_step` pairs of the data stream (distributed.py), so the step count is the same for any
+    #    number of processes with the same global batch.
+    n_train = len(train_pairs)
+    total_steps = t.max_steps or max(1, math.ceil(t.epochs * n_train / pairs_per_step))
+    params = trainable_parameters(policy)
     optimizer = make_optimizer(recipe, params)
     scheduler = get_scheduler(
         "constant_with_warmup" if t.scheduler == "constant" else t.scheduler,
@@ -185,153 +206,187 @@ def train(recipe: Recipe) -> dict:
         num_warmup_steps=int(t.warmup_ratio * total_steps),
         num_training_steps=total_steps,
     )
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     pad_id = tokenizer.pad_token_id
 
-    # 4. A fresh run writes its record; a resumed one restores its state and drops rows logged after it.
+    # 4. A resumed run restores its state before the engine wraps the model (under FSDP the adapter is then
+    #    sharded from the restored weights); a fresh run writes its record. Every process has checked the run
+    #    directory (above) before the main one writes to it.
+    accelerator.wait_for_everyone()
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, scheduler, accelerator.scaler)
-        rundir.truncate_metrics(out / "metrics.jsonl", state.step)
-        rundir.touch_run_info(out, total_steps=total_steps)  # a live reader (the app) sees the run resume
-        log(f"resuming from {resume_from} (step {state.step} of {total_steps})")
+        state = load_checkpoint(resume_from, policy, None if sharded else optimizer, scheduler, accelerator.scaler,
+                                rank, world)
+        if main:
+            rundir.truncate_metrics(out / "metrics.jsonl", state.step)
+            rundir.touch_run_info(out, total_steps=total_steps)  # a live reader (the app) sees the run resume
+        log(f"resuming from {resume_from} (step {state.step} of {total_steps}; "
+            f"written by {state.processes} process(es), resumed by {world})")
     else:
         state = TrainerState()
-        out.mkdir(parents=True, exist_ok=True)
-        rundir.clear(out)
-        save_recipe(recipe, out / "config.yaml")
-        (out / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2))
-        fingerprints = {"train": rundir.data_fingerprint(train_pairs, recipe.model.name),
-                        "eval": rundir.data_fingerprint(eval_pairs, recipe.model.name)}
-        info = {**rundir.run_info(device, fingerprints), "total_steps": total_steps}
-        (out / "run_info.json").write_text(json.dumps(info, indent=2))
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            rundir.clear(out)
+            save_recipe(recipe, out / "config.yaml")
+            (out / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+            fingerprints = {"train": rundir.data_fingerprint(train_pairs, recipe.model.name),
+                            "eval": rundir.data_fingerprint(eval_pairs, recipe.model.name)}
+            info = {**rundir.run_info(device, fingerprints), "processes": world, "total_steps": total_steps}
+            (out / "run_info.json").write_text(json.dumps(info, indent=2))
+    state.pairs_per_step, state.processes = pairs_per_step, world
+    model, optimizer, scheduler = accelerator.prepare(PolicyLogps(policy), optimizer, scheduler)
+    policy = policy_of(model)
     if t.report_to:
         accelerator.init_trackers("lora-dpo", config=_flat(to_dict(recipe)))
+
+    def checkpoint() -> Path:
+        """All processes call this: their RNG states go to the main one, which writes the checkpoint."""
+        rngs = gather_object([rng_state()]) if world > 1 else None
+        adapter = gathered_adapter(accelerator, model) if sharded else None
+        if main:
+            save_checkpoint(out, state, policy, None if sharded else optimizer, scheduler, accelerator.scaler,
+                            t.keep_last, rngs, adapter)
+        accelerator.wait_for_everyone()
+        return checkpoint_dir(out) / f"step-{state.step}"
 
     with _out_of_memory_advice(), StopRequest() as stop:
         # 5. Reference log-probs, once; and the baseline: before training the policy *is* the reference
         #    (LoRA's B starts at zero), so its eval metrics are those of the reference model.
         ref_train = None
         if t.precompute_reference:
-            ref_train = reference_logps(model, train_pairs, recipe.eval.batch_size, pad_id, device)
-        ref_eval = reference_logps(model, eval_pairs, recipe.eval.batch_size, pad_id, device)
+            ref_train = reference_logps(model, train_pairs, recipe.eval.batch_size, pad_id, accelerator)
+        ref_eval = reference_logps(model, eval_pairs, recipe.eval.batch_size, pad_id, accelerator)
         if resume_from is None:
-            state.baseline = evaluate(recipe, model, eval_pairs, ref_eval, pad_id, device) if eval_pairs else {}
-            before = behaviour_score(recipe, model, tokenizer, eval_pairs, adapter=False)
+            state.baseline = evaluate(recipe, model, eval_pairs, ref_eval, pad_id, accelerator) if eval_pairs else {}
+            before = behaviour_score(recipe, policy, tokenizer, eval_pairs, adapter=False)
             if before is not None:
                 state.baseline["behaviour"] = before
                 log(f"behaviour score of the reference model: {before:.3f}")
-        if stop.requested:
+        if reduce_sum(accelerator, [float(bool(stop.requested))])[0]:
             raise Interrupted("stopped before the first step; nothing to save")
 
-        # 6. The loop. One micro-batch = batch_size pairs; one optimizer step = grad_accum micro-batches.
-        #    The data order is a function of (seed, epoch), so the position (epoch, batch) resumes it.
-        metrics = MetricsLog(out / "metrics.jsonl")
-        log(f"training: {len(train_pairs)} pairs, {total_steps} steps of {t.batch_size * t.grad_accum} pairs, on {device}")
-        bar = tqdm(total=total_steps, initial=state.step, desc="dpo", dynamic_ncols=True, file=sys.stderr)
-        window, step_stats = PairStats.from_state(state.window), PairStats()
-        window_start, nonfinite_in_a_row, finite = time.perf_counter(), 0, True
+        # 6. The loop. One optimizer step = grad_accum micro-batches of batch_size pairs on each process, the
+        #    next `pairs_per_step` pairs of the data stream; the stream position (pairs_seen) resumes it.
+        metrics = MetricsLog(out / "metrics.jsonl") if main else _Discard()
+        log(f"training: {n_train} pairs, {total_steps} steps of {pairs_per_step} pairs "
+            f"({t.batch_size} x {t.grad_accum} x {world} process(es)), on {device}")
+        bar = tqdm(total=total_steps, initial=state.step, desc="dpo", dynamic_ncols=True, file=sys.stderr,
+                   disable=not main)
+        stream = PairStream(n_train, t.seed)
+        window, nonfinite_in_a_row = PairStats.from_state(state.window), 0
+        window_start = time.perf_counter()
         model.train()
         while state.step < total_steps:
-            epoch_batches = batches(len(train_pairs), t.batch_size, t.seed, state.epoch)
-            for positions in epoch_batches[state.batch_in_epoch :]:
-                state.batch_in_epoch += 1
-                state.micro += 1
+            step_stats, finite = PairStats(), True
+            for positions in step_micro_batches(stream, state.pairs_seen, t.batch_size, t.grad_accum, rank, world):
                 batch = _to(collate([train_pairs[i] for i in positions], pad_id), device)
                 ref = ref_train[positions] if ref_train is not None else None
                 with accelerator.accumulate(model):
                     loss = pair_losses(recipe, model, batch, ref, step_stats)
                     finite = finite and bool(torch.isfinite(loss))
                     accelerator.backward(loss)
-                    if not accelerator.sync_gradients:
-                        continue
-                    clip = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
-                    grad_norm = float(accelerator.clip_grad_norm_(params, clip))
-                    finite = finite and math.isfinite(grad_norm)
-                    if finite:  # a NaN/inf step is skipped: the adapter keeps its last good weights
-                        optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+            # The last micro-batch synchronised the gradients: each is now the mean over the step's pairs.
+            assert accelerator.sync_gradients, "micro-batches out of step with accelerate's accumulation"
+            clip = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
+            grad_norm = float(accelerator.clip_grad_norm_(clip_params(accelerator, model, params), clip))
+            # One reduction per step: the metric sums, and whether any process saw a non-finite loss or
+            # gradient norm, or was asked to stop; so every process skips, logs and stops alike.
+            local_bad = not (finite and math.isfinite(grad_norm))
+            *sums, bad, stops = reduce_sum(accelerator, pack_stats(step_stats) + [float(local_bad), float(bool(stop.requested))])
+            step_stats, finite, stopping = unpack_stats(sums), bad == 0, stops > 0
+            if finite:  # a NaN/inf step is skipped: the adapter keeps its last good weights
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
 
-                # -- an optimizer step is complete --
-                state.step += 1
-                bar.update(1)
-                if finite:
-                    window.merge(step_stats)
-                    nonfinite_in_a_row = 0
-                else:
-                    state.skipped_steps += 1
-                    nonfinite_in_a_row += 1
-                    log(f"step {state.step}: non-finite loss or gradient norm; step skipped")
-                    if nonfinite_in_a_row >= t.max_nonfinite_steps:
-                        raise _diverged(state, out)
-                step_stats, finite = PairStats(), True
-                epoch_f = state.micro / micro_per_epoch
-                if state.step % t.log_every == 0 or state.step == total_steps:
-                    elapsed = time.perf_counter() - window_start
-                    row = {"step": state.step, "epoch": epoch_f, "split": "train"}
-                    if window.pairs:  # a window of skipped steps only has no numbers to report
-                        row.update(window.means(), grad_norm=grad_norm)
-                    row.update(lr=scheduler.get_last_lr()[0], pairs_per_s=window.pairs / elapsed,
-                               tokens_per_s=window.tokens / elapsed, peak_memory_gb=peak_memory_gb(device),
-                               skipped_steps=state.skipped_steps)
-                    metrics.write(row)
-                    accelerator.log(_numeric(row), step=state.step)
-                    if window.pairs:
-                        bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}",
-                                        margin=f"{row['rewards/margins']:.3f}", refresh=False)
-                    window, window_start = PairStats(), time.perf_counter()
-                    if state.step % (10 * t.log_every) == 0:
-                        _refresh_plots(out)
-                if t.eval_every and state.step % t.eval_every == 0 and state.step < total_steps and eval_pairs:
-                    row = {"step": state.step, "epoch": epoch_f, "split": "eval",
-                           **evaluate(recipe, model, eval_pairs, ref_eval, pad_id, device)}
-                    metrics.write(row)
-                    accelerator.log({f"eval/{k}": v for k, v in _numeric(row).items()}, step=state.step)
+            # -- an optimizer step is complete --
+            state.step += 1
+            state.pairs_seen += pairs_per_step
+            bar.update(1)
+            if finite:
+                window.merge(step_stats)
+                nonfinite_in_a_row = 0
+            else:
+                state.skipped_steps += 1
+                nonfinite_in_a_row += 1
+                log(f"step {state.step}: non-finite loss or gradient norm; step skipped")
+                if nonfinite_in_a_row >= t.max_nonfinite_steps:
+                    raise _diverged(state, out)
+            epoch_f = state.pairs_seen / n_train
+            if state.step % t.log_every == 0 or state.step == total_steps:
+                elapsed = time.perf_counter() - window_start
+                row = {"step": state.step, "epoch": epoch_f, "split": "train"}
+                if window.pairs:  # a window of skipped steps only has no numbers to report
+                    row.update(window.means(), grad_norm=grad_norm)
+                row.update(lr=scheduler.get_last_lr()[0], pairs_per_s=window.pairs / elapsed,
+                           tokens_per_s=window.tokens / elapsed,
+                           peak_memory_gb=max_over_processes(accelerator, peak_memory_gb(device)),
+                           skipped_steps=state.skipped_steps)
+                metrics.write(row)
+                accelerator.log(_numeric(row), step=state.step)
+                if window.pairs:
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}",
+                                    margin=f"{row['rewards/margins']:.3f}", refresh=False)
+                window, window_start = PairStats(), time.perf_counter()
+                if state.step % (10 * t.log_every) == 0 and main:
                     _refresh_plots(out)
-                    model.train()
-                periodic = t.save_every and state.step % t.save_every == 0 and not nonfinite_in_a_row
-                if periodic or stop.requested:  # (no periodic checkpoint in a NaN streak: keep the last good one)
-                    state.window = window.state()
-                    path = save_checkpoint(out, state, model, optimizer, scheduler, accelerator.scaler, t.keep_last)
-                    if stop.requested:
-                        bar.close()
-                        metrics.close()
-                        raise Interrupted(f"stopped at step {state.step} on {stop.requested}; "
-                                          f"resume with: lora-dpo train {out / 'config.yaml'} resume=true  ({path})")
-                if state.step >= total_steps:
-                    break
-            else:  # the epoch is exhausted: the next one starts from its first batch
-                state.epoch += 1
-                state.batch_in_epoch = 0
+            if t.eval_every and state.step % t.eval_every == 0 and state.step < total_steps and eval_pairs:
+                row = {"step": state.step, "epoch": epoch_f, "split": "eval",
+                       **evaluate(recipe, model, eval_pairs, ref_eval, pad_id, accelerator)}
+                metrics.write(row)
+                accelerator.log({f"eval/{k}": v for k, v in _numeric(row).items()}, step=state.step)
+                if main:
+                    _refresh_plots(out)
+                model.train()
+            periodic = t.save_every and state.step % t.save_every == 0 and not nonfinite_in_a_row
+            if periodic or stopping:  # (no periodic checkpoint in a NaN streak: keep the last good one)
+                state.window = window.state()
+                path = checkpoint()
+                if stopping:
+                    bar.close()
+                    metrics.close()
+                    raise Interrupted(f"stopped at step {state.step} on {stop.requested or 'a request to another process'}; "
+                                      f"resume with: lora-dpo train {out / 'config.yaml'} resume=true  ({path})")
         bar.close()
 
         # 7. Final evaluation, checkpoint, adapter, eval.json, plots.
         final = {"step": state.step, "split": "eval", "pairs": len(eval_pairs), "skipped_steps": state.skipped_steps}
         if eval_pairs:
-            row = evaluate(recipe, model, eval_pairs, ref_eval, pad_id, device)
+            row = evaluate(recipe, model, eval_pairs, ref_eval, pad_id, accelerator)
             final.update(row)
-            metrics.write({"step": state.step, "epoch": state.micro / micro_per_epoch, "split": "eval", **row})
+            metrics.write({"step": state.step, "epoch": state.pairs_seen / n_train, "split": "eval", **row})
             accelerator.log({f"eval/{k}": v for k, v in _numeric(row).items()}, step=state.step)
-        after = behaviour_score(recipe, model, tokenizer, eval_pairs, adapter=True)
+        after = behaviour_score(recipe, policy, tokenizer, eval_pairs, adapter=True)
         if after is not None:
             final["behaviour"] = after
         final["baseline"] = state.baseline
         metrics.close()
         state.window = PairStats().state()
-        save_checkpoint(out, state, model, optimizer, scheduler, accelerator.scaler, t.keep_last)
-    accelerator.end_training()
-    unwrapped = accelerator.unwrap_model(model)
-    with rundir.staged_dir(out / "adapter") as tmp:
-        save_adapter(unwrapped, tokenizer, tmp)
-    rundir.atomic_text(out / "eval.json", json.dumps(final, indent=2))
-    _refresh_plots(out)
-    log(_summary(final, out))
+        checkpoint()
+    adapter = gathered_adapter(accelerator, model) if sharded else None
+    if main:
+        with rundir.staged_dir(out / "adapter") as tmp:
+            save_adapter(policy, tokenizer, tmp, adapter)
+        rundir.atomic_text(out / "eval.json", json.dumps(final, indent=2))
+        _refresh_plots(out)
+        log(_summary(final, out))
+    accelerator.wait_for_everyone()  # no process returns before the run directory is complete
+    accelerator.end_training()  # (this also ends the process group)
     return final
 
 
+class _Discard:
+    """The metrics log of a process that writes nothing (not the main one)."""
+
+    def write(self, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 # Keys a resumed run may change: how long it trains and what it records, not what it computes.
+# The split of the global batch into batch_size x grad_accum x processes may change too: it is checked on its own.
 RESUMABLE_CHANGES = {"resume", "overwrite", "train.epochs", "train.max_steps", "train.eval_every", "train.save_every",
-                     "train.keep_last", "train.log_every", "train.report_to"}
+                     "train.keep_last", "train.log_every", "train.report_to", "train.batch_size", "train.grad_accum"}
 
 
 def _check_same_recipe(recipe: Recipe, saved_path: Path) -> None:
