@@ -173,7 +173,7 @@ class TrainTab:
         message = gr.Markdown(elem_id="message")
         progress = gr.HTML(_progress_html(None), elem_id="progress")
         with gr.Row():
-            plots = [gr.LinePlot(_frame([], key), x="step", y="value", color="split", title=title, height=220,
+            plots = [gr.LinePlot(None, x="step", y="value", color="split", title=title, height=220,
                                  elem_id=f"plot-{key.split('/')[-1]}") for key, title in PLOTS]
         outcome = gr.Markdown(elem_id="outcome")
         log = gr.Textbox(label="log (last lines)", lines=10, max_lines=10, autoscroll=True, elem_id="log")
@@ -192,9 +192,11 @@ class TrainTab:
         self.recipe, self.fields = recipe, fields
 
 
-def _frame(rows: list[dict], key: str) -> pd.DataFrame:
+def _frame(rows: list[dict], key: str) -> pd.DataFrame | None:
     data = [(r["step"], r[key], r["split"]) for r in rows if isinstance(r.get(key), (int, float)) and "step" in r]
-    # explicit dtypes: an empty frame would otherwise be `object` and the plot would draw categories, not lines
+    if not data:
+        return None  # an empty plot; gradio 6 draws no lines in a plot whose first value was an empty frame
+    # explicit dtypes: `object` columns would be drawn as categories, not lines
     return pd.DataFrame({"step": pd.Series([d[0] for d in data], dtype="int64"),
                          "value": pd.Series([d[1] for d in data], dtype="float64"),
                          "split": pd.Series([d[2] for d in data], dtype="str")})

@@ -52,7 +52,7 @@ def status(client, _plots={}) -> dict:
     (else an empty update): `_plots` keeps the last drawn ones, as the page does."""
     progress, *plots, log, outcome = client.predict(api_name="/status")
     for key, value in zip(("loss", "acc", "margin", "kl"), plots):
-        if "data" in value:
+        if isinstance(value, dict) and "data" in value:
             _plots[key] = value
     loss, acc, margin, kl = (_plots.get(k) for k in ("loss", "acc", "margin", "kl"))
     state = re.search(r"data-state='(\w+)'", progress).group(1)
