@@ -11,6 +11,7 @@ import pandas as pd
 
 from lora_dpo.compare import Comparer, Row, Sampling
 from lora_dpo.errors import UserError
+from lora_dpo.export import resolve_source
 
 from .workspace import Workspace
 
@@ -18,8 +19,8 @@ NONE = "(none)"
 
 
 class CompareTab:
-    def __init__(self, ws: Workspace):
-        self.ws = ws
+    def __init__(self, ws: Workspace, allow_code: bool = False):
+        self.ws, self.allow_code = ws, allow_code
         self._lock = threading.Lock()  # one comparison at a time: they share one model in memory
         self._loaded: tuple[tuple, Comparer] | None = None  # the last (adapters, model): reloading takes time
 
@@ -28,7 +29,11 @@ class CompareTab:
                  for n, p in (("A", a), ("B", b)) if p and p != NONE]
         if not paths:
             raise UserError("adapter A: choose a finished run or type an adapter folder")
-        key = tuple(paths)
+        if not self.allow_code and any(resolve_source(p).trust_remote_code for p in paths):
+            raise UserError("model.trust_remote_code: this run's base runs its own code; the app loads it only "
+                            "when started with --allow-code (or use `lora-dpo compare`)")
+        # a run retrained in place (overwrite=true) has a new adapter file: reload, do not show the old one
+        key = tuple((p, _mtime(p)) for p in paths)
         if self._loaded is None or self._loaded[0] != key:
             self._loaded = None  # free the previous model before loading the next
             self._loaded = (key, Comparer.load(paths))
@@ -41,7 +46,9 @@ class CompareTab:
                 comparer = self.comparer(a, b)
                 lines = [line for line in (prompts or "").splitlines() if line.strip()]
                 sampling = Sampling(float(temperature), float(top_p), int(max_new_tokens), int(seed))
-                score = None if score_with == "first adapter" else ("B" if score_with == "adapter B" else None)
+                if score_with == "adapter B" and (not b or b == NONE):
+                    raise UserError("rewards under adapter B: choose an adapter B first")
+                score = "B" if score_with == "adapter B" else None
                 rows = comparer.compare(lines, sampling, score)
         except UserError as exc:
             raise gr.Error(str(exc), print_exception=False) from None
@@ -100,6 +107,11 @@ class CompareTab:
         table.select(self.select, rows, [left, right], api_visibility="private")
         refresh.click(self.refresh, a, [a, b], api_visibility="private")
         self.adapters = [a, b]
+
+
+def _mtime(source: str) -> int:
+    adapter = resolve_source(source).adapter_dir / "adapter_model.safetensors"
+    return adapter.stat().st_mtime_ns if adapter.exists() else 0
 
 
 def _panes(row: Row, left: str, right: str):

@@ -11,17 +11,17 @@ from pathlib import Path
 
 import gradio as gr
 
-from lora_dpo.errors import UserError
+from lora_dpo.errors import UserError, first_line
 from lora_dpo.export import export
-from lora_dpo.hub import check_repo_id, push
+from lora_dpo.hub import _scrub, check_repo_id, push
 from lora_dpo.merge import DTYPES
 
 from .workspace import Workspace
 
 
 class ExportTab:
-    def __init__(self, ws: Workspace):
-        self.ws = ws
+    def __init__(self, ws: Workspace, allow_code: bool = False):
+        self.ws, self.allow_code = ws, allow_code
 
     def export(self, run: str, out: str, overwrite: bool, merge: bool, dtype: str, to_hub: bool, repo_id: str,
                private: bool, token: str):
@@ -29,16 +29,19 @@ class ExportTab:
         lines: list[str] = []
         try:
             source = self.ws.resolve(run, "runs", what="run")
-            target = self.ws.resolve(out or f"exports/{Path(run).name}", "exports", what="output folder")
+            target = self.ws.resolve(out or f"exports/{Path(run).name}", "exports", what="output folder",
+                                     inside=True)
             repo = check_repo_id(repo_id.strip()) if to_hub else None
             result = export(source, target, merge=merge, dtype=dtype, overwrite=overwrite, repo_id=repo,
-                            log=lines.append)
+                            trust_remote_code=None if self.allow_code else False, log=lines.append)
             text = [f"**exported** to `{self.ws.show(result.out)}`", "```", result.summary(), "```"]
             if repo:
                 pushed = push(result.out, repo, private=private, token=(token or "").strip() or None)
                 text += ["**pushed**", "```", pushed.listing(), "```"]
-        except UserError as exc:  # said on the page (not as a pop-up) so that the token field is emptied too
-            return f"**error**: {exc}", ""
+        except Exception as exc:  # said on the page (not as a pop-up) so that the token field is emptied too,
+            # whatever failed; the message is scrubbed of the token (a Hub error may echo a header)
+            text = str(exc) if isinstance(exc, UserError) else first_line(exc)
+            return f"**error**: {_scrub(text, (token or '').strip() or None)}", ""
         if lines:
             text += ["notes:", *[f"- {line}" for line in lines]]
         return "\n".join(text), ""

@@ -36,6 +36,7 @@ class Progress:
     log_tail: str = ""
     final: Optional[dict] = None  # eval.json of a finished run
     error: Optional[str] = None  # the CLI's error message of a failed run
+    checkpoint: Optional[str] = None  # the checkpoint a stopped run wrote (step-N), None if it stopped before one
     returncode: Optional[int] = None
 
 
@@ -48,29 +49,39 @@ class TrainingJob:
         self._seen: list[tuple[float, int]] = []  # (time, step) when a new step was first seen
         with open(self.log_path, "a", encoding="utf-8") as log:
             log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n")
-        self._log = open(self.log_path, "ab")
         self._offset = self.log_path.stat().st_size
-        self.proc = subprocess.Popen(command, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        child_env.pop("LORA_DPO_APP_AUTH", None)  # the app's login is not the trainer's business
+        try:
+            with open(self.log_path, "ab") as log:  # the child keeps its own copy of the handle
+                self.proc = subprocess.Popen(command, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL, start_new_session=True, env=child_env)
+        except OSError as exc:
+            raise UserError(f"cannot start {command[0]}: {exc}") from None
         self.stop_requested = False
+        self.ended: Optional[float] = None
 
     def running(self) -> bool:
         return self.proc.poll() is None
 
-    def stop(self) -> None:
-        """The trainer's safe stop: finish the optimizer step, checkpoint, exit 130."""
-        if self.running():
-            self.stop_requested = True
-            self.proc.send_signal(signal.SIGINT)
+    def stop(self) -> bool:
+        """The trainer's safe stop: finish the optimizer step, checkpoint, exit 130. Sent once: a second
+        SIGINT would make the trainer stop at once, without its checkpoint. False if already asked."""
+        if not self.running() or self.stop_requested:
+            return False
+        self.stop_requested = True
+        self.proc.send_signal(signal.SIGINT)
+        return True
 
     def kill(self) -> None:
         if self.running():
-            self.proc.kill()
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the trainer and anything it started (its own session)
             self.proc.wait()
 
     def progress(self) -> Progress:
         code = self.proc.poll()
+        if code is not None and self.ended is None:
+            self.ended = time.time()
         rows = self._rows()
         train_rows = [r for r in rows if r.get("split") == "train"]
         step = max((int(r["step"]) for r in train_rows), default=0)
@@ -83,7 +94,8 @@ class TrainingJob:
             (t0, s0), (t1, s1) = self._seen[0], self._seen[-1]
             remaining = max(0.0, (total - step) * (t1 - t0) / (s1 - s0))
         log = self._log_text()
-        p = Progress("starting" if code is None and not rows else "running", step, total, now - self.started,
+        p = Progress("starting" if code is None and not rows else "running", step, total,
+                     (self.ended or now) - self.started,
                      remaining, rows, "\n".join(log.splitlines()[-40:]), returncode=code)
         if code is None:
             return p
@@ -94,11 +106,25 @@ class TrainingJob:
             p.final = json.loads(eval_json.read_text()) if eval_json.is_file() else None
         elif code == 130 and self.stop_requested:
             p.state = "stopped"
+            p.checkpoint = self._new_checkpoint()
         else:
             p.state = "failed"
             errors = [line for line in log.splitlines() if line.startswith("lora-dpo: error:")]
-            p.error = errors[-1] if errors else f"exit code {code}; see the log"
+            if errors:
+                p.error = errors[-1]
+            elif code < 0:
+                p.error = (f"killed by signal {-code} ({signal.Signals(-code).name}; out of memory?); "
+                           "see the log")
+            else:
+                p.error = f"exit code {code}; see the log"
         return p
+
+    def _new_checkpoint(self) -> Optional[str]:
+        """The newest complete checkpoint this job wrote, if any (a stop while preparing writes none)."""
+        from lora_dpo.checkpoint import complete_checkpoints
+
+        written = [c for c in complete_checkpoints(self.run_dir) if self._fresh(c / "trainer_state.json")]
+        return written[-1].name if written else None
 
     def _fresh(self, path: Path) -> bool:
         return path.is_file() and path.stat().st_mtime >= self.started - 1
@@ -118,9 +144,9 @@ class TrainingJob:
 
     def _log_text(self) -> str:
         with open(self.log_path, "rb") as f:
-            f.seek(self._offset)
+            f.seek(max(self._offset, self.log_path.stat().st_size - 200_000))  # the tail only, every second
             # tqdm redraws its bar with carriage returns: keep the last state of each line
-            text = f.read()[-200_000:].decode("utf-8", "replace")
+            text = f.read().decode("utf-8", "replace")
         return "\n".join(line.split("\r")[-1] for line in text.split("\n"))
 
 
@@ -139,12 +165,13 @@ class JobManager:
             self.job = TrainingJob(command, run_dir, cwd, env)
             return self.job
 
-    def stop(self) -> bool:
+    def stop(self) -> str:
         job = self.job
         if job is None or not job.running():
-            return False
-        job.stop()
-        return True
+            return "no training job is running"
+        if not job.stop():
+            return "already stopping: the trainer is finishing its step and writing the checkpoint"
+        return "stopping: the trainer finishes this step, saves a checkpoint, then exits"
 
     def shutdown(self, timeout: float = 60.0) -> None:
         """On app exit: ask the job to stop safely, wait a while, then kill it."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import signal
 import sys
 
 from lora_dpo.errors import UserError
@@ -15,8 +16,9 @@ from lora_dpo.errors import UserError
 AUTH_ENV = "LORA_DPO_APP_AUTH"
 
 
-def build_app(ws, jobs=None):
-    """The app's Blocks for workspace `ws`; `jobs` is its one-job slot (a JobManager)."""
+def build_app(ws, jobs=None, allow_code: bool = False):
+    """The app's Blocks for workspace `ws`; `jobs` is its one-job slot (a JobManager). `allow_code`: recipes
+    and runs may run code from outside the package (a model's remote code, a custom eval.scorer)."""
     import gradio as gr
 
     from .compare_tab import CompareTab
@@ -28,13 +30,13 @@ def build_app(ws, jobs=None):
     with gr.Blocks(title="lora-dpo") as demo:
         gr.Markdown("## lora-dpo · DPO with a LoRA adapter on a 4-bit base")
         with gr.Tab("Train", id="train"):
-            train = TrainTab(ws, jobs)
+            train = TrainTab(ws, jobs, allow_code)
             train.build()
         with gr.Tab("Compare", id="compare") as compare_tab:
-            compare = CompareTab(ws)
+            compare = CompareTab(ws, allow_code)
             compare.build()
         with gr.Tab("Export", id="export") as export_tab:
-            export = ExportTab(ws)
+            export = ExportTab(ws, allow_code)
             export.build()
         demo.load(train.load_fields, train.recipe, train.fields, api_visibility="private")
         # runs finished since the page loaded appear when their tab is opened
@@ -53,6 +55,9 @@ def add_parser(sub) -> None:
     a.add_argument("--auth", metavar="USER:PASSWORD", help=f"ask for this login (or set {AUTH_ENV})")
     a.add_argument("--workdir", default=".", help="the workspace folder (default: the current folder)")
     a.add_argument("--data-dir", default="data", metavar="DIR", help="data files the app may read (default data/)")
+    a.add_argument("--allow-code", action="store_true",
+                   help="let recipes and runs run code from outside lora_dpo (model.trust_remote_code, a custom "
+                        "eval.scorer); only on an app no stranger can reach")
 
 
 def parse_auth(text: str | None):
@@ -78,8 +83,10 @@ def run(args) -> int:
         print("warning: the app is reachable from other machines and asks for no login; "
               "consider --auth USER:PASSWORD", file=sys.stderr)
     ws = Workspace.at(args.workdir, data=args.data_dir)
-    demo = build_app(ws)
-    atexit.register(demo.jobs.shutdown)  # a job still running is stopped safely (checkpoint) when the app exits
+    demo = build_app(ws, allow_code=args.allow_code)
+    # a job still running is stopped safely (checkpoint) when the app exits, on Ctrl-C or on SIGTERM
+    atexit.register(demo.jobs.shutdown)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # runs the atexit handler
     demo.queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port,
                                                    share=args.share, auth=auth)
     return 0

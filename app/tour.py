@@ -52,14 +52,13 @@ def train(page, timeout_ms: int = 900_000) -> dict:
     page.wait_for_selector("#command:has-text('lora-dpo train')", timeout=60_000)
     page.locator("#start").click()
     page.wait_for_selector("#message:has-text('started')", timeout=30_000)
-    # a drawn series has its legend entry: "train" appears only once the line is really there
-    page.wait_for_selector("#plot-loss .mark-line path", timeout=timeout_ms)
-    page.wait_for_selector("#plot-loss text:has-text('train')", timeout=60_000)
+    # a drawn line: a path through at least two points, with a colour
+    page.wait_for_selector("#plot-loss .mark-line path[stroke^='#'][d*='L']", timeout=timeout_ms)
     first_plot_step = int(page.locator("#job-state").get_attribute("data-step") or 0)
     page.wait_for_selector("#job-state[data-state='finished'], #job-state[data-state='failed']", timeout=timeout_ms)
     page.wait_for_timeout(1500)  # one more tick of the timer: the plots show the last rows
     return {"first_plot_step": first_plot_step, "state": page.locator("#job-state").get_attribute("data-state"),
-            "loss_lines": page.locator("#plot-loss .mark-line path").count()}
+            "loss_lines": page.locator("#plot-loss .mark-line path[stroke^='#']").count()}
 
 
 def compare(page, prompts: str = TOY_PROMPTS, timeout_ms: int = 300_000) -> tuple[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shlex
 import shutil
 from pathlib import Path
@@ -65,16 +66,22 @@ def _format(value) -> str:
     return str(value)
 
 
+BUILT_IN_CODE = "lora_dpo."  # scorers the package ships (e.g. lora_dpo.toy:positive_share) run without --allow-code
+
+
 class TrainTab:
-    def __init__(self, ws: Workspace, jobs: JobManager):
-        self.ws, self.jobs = ws, jobs
+    def __init__(self, ws: Workspace, jobs: JobManager, allow_code: bool = False):
+        self.ws, self.jobs, self.allow_code = ws, jobs, allow_code
 
     # ------------------------------------------------------------------ pure functions the events call
     def load_fields(self, recipe_path: str) -> list:
         """The recipe's values for FIELDS."""
         if not recipe_path:
             return [None] * len(FIELDS)
-        recipe = load_recipe(self.ws.resolve(recipe_path, "recipes", what="recipe"))
+        try:
+            recipe = load_recipe(self.ws.resolve(recipe_path, "recipes", what="recipe"))
+        except UserError as exc:
+            raise gr.Error(f"{recipe_path}: {exc}", print_exception=False) from None
         return [bool(recipe.resume) if key == "resume" else _get(recipe, key) for key, _ in FIELDS]
 
     def overrides(self, recipe_path: str, values: list) -> list[str]:
@@ -97,7 +104,16 @@ class TrainTab:
         path = self.ws.resolve(recipe_path, "recipes", what="recipe")
         overrides = self.overrides(recipe_path, values)
         recipe = load_recipe(path, overrides)
-        self.ws.resolve(recipe.output_dir, "runs", what="output_dir")
+        self.ws.resolve(recipe.output_dir, "runs", what="output_dir", inside=True)
+        if isinstance(recipe.resume, str):  # a checkpoint path: it is unpickled, so only from runs/
+            self.ws.resolve(recipe.resume, "runs", what="resume")
+        if not self.allow_code:  # a recipe can name code to run; the app runs only the package's own
+            if recipe.model.trust_remote_code:
+                raise UserError("model.trust_remote_code: the app does not run a model's own code unless it "
+                                "was started with --allow-code")
+            if recipe.eval.scorer and not recipe.eval.scorer.startswith(BUILT_IN_CODE):
+                raise UserError(f"eval.scorer: {recipe.eval.scorer} is code outside lora_dpo; the app runs it "
+                                "only when started with --allow-code")
         self.ws.check_name_or_path(recipe.model.name, "data", "runs", "exports", what="model.name")
         self.ws.check_name_or_path(recipe.data.train, "data", what="data.train")
         if recipe.data.eval:
@@ -122,9 +138,7 @@ class TrainTab:
         return f"started: {shlex.join(cmd)} (pid {job.proc.pid})"
 
     def stop(self) -> str:
-        if self.jobs.stop():
-            return "stopping: the trainer finishes this step, saves a checkpoint, then exits"
-        return "no training job is running"
+        return self.jobs.stop()
 
     def upload(self, file) -> tuple:
         """Copy an uploaded recipe into recipes/uploads/ (checked first) and select it."""
@@ -173,7 +187,7 @@ class TrainTab:
         message = gr.Markdown(elem_id="message")
         progress = gr.HTML(_progress_html(None), elem_id="progress")
         with gr.Row():
-            plots = [gr.LinePlot(None, x="step", y="value", color="split", title=title, height=220,
+            plots = [gr.LinePlot(None, x="step", y="value", title=f"{title} (train)", height=220,
                                  elem_id=f"plot-{key.split('/')[-1]}") for key, title in PLOTS]
         outcome = gr.Markdown(elem_id="outcome")
         log = gr.Textbox(label="log (last lines)", lines=10, max_lines=10, autoscroll=True, elem_id="log")
@@ -193,13 +207,16 @@ class TrainTab:
 
 
 def _frame(rows: list[dict], key: str) -> pd.DataFrame | None:
-    data = [(r["step"], r[key], r["split"]) for r in rows if isinstance(r.get(key), (int, float)) and "step" in r]
+    # The training rows only. gradio 6's LinePlot fixes its colour domain at the first drawn value, so an eval
+    # series that starts later would never be drawn; the held-out figures are in the final table and in the
+    # run's plots/ (PNG), which draw both.
+    data = [(r["step"], r[key]) for r in rows
+            if r.get("split") == "train" and isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
     if not data:
-        return None  # an empty plot; gradio 6 draws no lines in a plot whose first value was an empty frame
+        return None  # an empty plot: gradio 6 draws no line in a plot whose first value was an empty frame
     # explicit dtypes: `object` columns would be drawn as categories, not lines
     return pd.DataFrame({"step": pd.Series([d[0] for d in data], dtype="int64"),
-                         "value": pd.Series([d[1] for d in data], dtype="float64"),
-                         "split": pd.Series([d[2] for d in data], dtype="str")})
+                         "value": pd.Series([d[1] for d in data], dtype="float64")})
 
 
 def _clock(seconds) -> str:
@@ -228,8 +245,10 @@ def _outcome(p: Progress) -> str:
             if after is not None:
                 rows.append(f"| {k} | {'' if before is None else f'{before:.4g}'} | {after:.4g} |")
         return "**finished** (held-out evaluation)\n\n" + "\n".join(rows)
+    if p.state == "stopped" and p.checkpoint:
+        return f"**stopped**: checkpoint `{p.checkpoint}` saved; tick *resume* and start again to continue"
     if p.state == "stopped":
-        return "**stopped**: a checkpoint was saved; tick *resume* and start again to continue"
+        return "**stopped** before the first checkpoint: nothing to resume; start again"
     if p.state == "failed":
         return f"**failed**: {p.error}"
     return ""

@@ -37,18 +37,20 @@ class Workspace:
     def folders(self, *kinds: str) -> list[Path]:
         return [getattr(self, k) for k in kinds]
 
-    def resolve(self, text: str, *kinds: str, what: str = "path") -> Path:
+    def resolve(self, text: str, *kinds: str, what: str = "path", inside: bool = False) -> Path:
         """`text` as an absolute path inside one of the folders `kinds` ('recipes', 'runs', 'data',
-        'exports'); anything else raises UserError naming the field and the allowed folders."""
+        'exports'), symlinks followed; anything else raises UserError naming the field and the allowed
+        folders. `inside`: strictly below the folder, never the folder itself (for what may be replaced)."""
         text = (text or "").strip()
         if not text:
             raise UserError(f"{what}: empty")
         path = Path(text).expanduser()
         path = (path if path.is_absolute() else self.root / path).resolve()
         allowed = self.folders(*kinds)
-        if not any(path == folder or folder in path.parents for folder in allowed):
-            names = ", ".join(self.show(f) for f in allowed)
-            raise UserError(f"{what}: {text} is outside the app's folders ({names}); refused")
+        if not any((path == folder and not inside) or folder in path.parents for folder in allowed):
+            names = ", ".join(self.show(f) + "/" for f in allowed)
+            where = "a folder inside" if inside else "inside"
+            raise UserError(f"{what}: {text} is not {where} the app's folders ({names}); refused")
         return path
 
     def is_path_like(self, text: str) -> bool:

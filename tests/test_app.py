@@ -34,7 +34,16 @@ def write_recipe(path: Path, output_dir: str, **train):
 def ws(tmp_path_factory):
     root = tmp_path_factory.mktemp("app-ws")
     write_recipe(root / "recipes" / "quick.yaml", "runs/quick", max_steps=6, eval_every=3, save_every=3)
-    write_recipe(root / "recipes" / "long.yaml", "runs/long", max_steps=400, eval_every=None, save_every=1)
+    write_recipe(root / "recipes" / "long.yaml", "runs/long", max_steps=400, eval_every=None, save_every=None)
+    write_recipe(root / "recipes" / "remote-code.yaml", "runs/rc", max_steps=2)
+    write_recipe(root / "recipes" / "scorer.yaml", "runs/sc", max_steps=2)
+    write_recipe(root / "recipes" / "resume-elsewhere.yaml", "runs/re", max_steps=2)
+    for name, key, value in (("remote-code", "model", {"trust_remote_code": True}),
+                             ("scorer", "eval", {"scorer": "os:system"}),
+                             ("resume-elsewhere", None, {"resume": "/tmp/elsewhere/checkpoints/step-2"})):
+        recipe = yaml.safe_load((root / "recipes" / f"{name}.yaml").read_text())
+        (recipe[key] if key else recipe).update(value)
+        (root / "recipes" / f"{name}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     (root / "data").mkdir()
     return Workspace.at(root)
 
@@ -95,9 +104,8 @@ def test_start_trains_in_a_subprocess_and_the_page_shows_progress_plots_and_fina
     assert final["state"] == "finished", final["log"]
     assert "step 6 of 6" in final["progress"]
     loss = final["plots"]["loss"]["data"]
-    assert [row[0] for row in loss if row[2] == "train"] == [1, 2, 3, 4, 5, 6]
-    assert [row[0] for row in loss if row[2] == "eval"] == [3, 6]
-    assert all(len(final["plots"][k]["data"]) >= 6 for k in ("acc", "margin", "kl"))
+    assert [row[0] for row in loss] == [1, 2, 3, 4, 5, 6]  # the training rows; eval is in the final table
+    assert all(len(final["plots"][k]["data"]) == 6 for k in ("acc", "margin", "kl"))
     assert "done: runs/quick" in final["log"]
     assert "**finished**" in final["outcome"] and "| behaviour |" in final["outcome"]
     run = ws.runs / "quick"
@@ -123,12 +131,15 @@ def test_a_second_start_is_refused_and_stop_checkpoints(app, ws, quick_run):
     s = wait(client, lambda s: s["step"] >= 2 or s["state"] != "running" and s["state"] != "starting")
     assert s["state"] == "running", s["log"]
     assert "remaining" in s["progress"] and "<progress" in s["progress"]
-    assert "stopping" in client.predict(api_name="/stop")
+    assert client.predict(api_name="/stop").startswith("stopping")
+    # a second click must not become the trainer's "second Ctrl-C" (stop at once, no checkpoint)
+    assert client.predict(api_name="/stop").startswith(("already stopping", "no training job"))
     s = wait(client, lambda s: s["state"] not in ("running", "starting"))
-    assert s["state"] == "stopped" and "checkpoint" in s["outcome"]
-    assert demo.jobs.job.proc.returncode == 130
-    checkpoints = list((ws.runs / "long" / "checkpoints").glob("step-*/trainer_state.json"))
-    assert checkpoints and s["step"] < 400
+    assert s["state"] == "stopped" and demo.jobs.job.proc.returncode == 130
+    # save_every is off: the only checkpoint is the one the safe stop wrote, and the page names it
+    checkpoints = [p.parent.name for p in (ws.runs / "long" / "checkpoints").glob("step-*/trainer_state.json")]
+    assert len(checkpoints) == 1 and f"checkpoint `{checkpoints[0]}` saved" in s["outcome"]
+    assert 2 <= int(checkpoints[0].split("-")[1]) < 400
 
 
 def test_a_failed_run_shows_its_error(app):
@@ -140,16 +151,28 @@ def test_a_failed_run_shows_its_error(app):
 
 
 @pytest.mark.parametrize("changes, message", [
-    (dict(output_dir="/tmp/elsewhere"), "output_dir: /tmp/elsewhere is outside the app's folders"),
-    (dict(output_dir="runs/../../escape"), "output_dir: runs/../../escape is outside"),
-    (dict(data="../secrets/pairs.jsonl"), "data.train: ../secrets/pairs.jsonl is outside"),
-    (dict(model="/etc"), "model.name: /etc is outside"),
+    (dict(output_dir="/tmp/elsewhere"), "output_dir: /tmp/elsewhere is not a folder inside the app's folders"),
+    (dict(output_dir="runs/../../escape"), "output_dir: runs/../../escape is not a folder inside"),
+    (dict(output_dir="runs"), "output_dir: runs is not a folder inside the app's folders (runs/)"),
+    (dict(data="../secrets/pairs.jsonl"), "data.train: ../secrets/pairs.jsonl is not inside the app's folders"),
+    (dict(model="/etc"), "model.name: /etc is not inside"),
     (dict(beta=-1), "loss.beta"),
 ])  # fmt: skip
 def test_bad_fields_and_paths_outside_the_workspace_are_refused(app, changes, message):
     demo, client = app
     with pytest.raises(AppError, match=re.escape(message)):
         start(client, "recipes/quick.yaml", **changes)
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ("recipes/remote-code.yaml", "model.trust_remote_code: the app does not run a model's own code"),
+    ("recipes/scorer.yaml", "eval.scorer: os:system is code outside lora_dpo"),
+    ("recipes/resume-elsewhere.yaml", "resume: /tmp/elsewhere/checkpoints/step-2 is not inside the app's folders"),
+])  # fmt: skip
+def test_recipes_that_would_run_outside_code_or_unpickle_outside_files_are_refused(app, recipe, message):
+    demo, client = app
+    with pytest.raises(AppError, match=re.escape(message)):
+        start(client, recipe)
 
 
 def test_compare_fills_both_panes_and_the_table(app, quick_run):
@@ -164,7 +187,7 @@ def test_compare_fills_both_panes_and_the_table(app, quick_run):
     assert left["label"] == f"reference · reward {table['data'][0][2]:+.3f}" and right["label"].startswith("tuned")
     assert all(isinstance(row[2], float) and isinstance(row[4], float) for row in table["data"])
     assert "adapter disabled" in note
-    with pytest.raises(AppError, match="outside the app's folders"):
+    with pytest.raises(AppError, match="is not inside the app's folders"):
         client.predict("/etc", "(none)", PROMPTS, 1.0, 1.0, 8, 1, "first adapter", api_name="/compare")
 
 
@@ -197,6 +220,18 @@ def test_export_writes_the_adapter_and_the_token_is_used_once_and_forgotten(app,
     result, token_field = client.predict("runs/quick", "exports/quick", False, False, "bf16", True, "alice/toy-dpo",
                                          True, secret, api_name="/export")
     assert "**error**" in result and "already exists" in result and token_field == ""  # emptied on errors too
+    result, token_field = client.predict("runs/quick", "exports", True, False, "bf16", False, "", True, "",
+                                         api_name="/export")
+    assert "is not a folder inside the app's folders" in result  # "replace" never empties exports/ itself
+    assert (ws.exports / "quick" / "adapter_model.safetensors").is_file()
+
+    def failing_push(folder, repo_id, private=False, token=None, **kw):
+        raise RuntimeError(f"401 Unauthorized: Authorization: Bearer {token}")
+
+    monkeypatch.setattr(export_tab, "push", failing_push)
+    result, token_field = client.predict("runs/quick", "exports/quick2", False, False, "bf16", True, "alice/toy-dpo",
+                                         True, secret, api_name="/export")
+    assert "**error**: RuntimeError: 401 Unauthorized" in result and secret not in result and token_field == ""
 
 
 def test_login_is_required_when_asked(ws, monkeypatch):

@@ -35,7 +35,7 @@ def test_click_start_see_plot_update_then_compare_and_export(tmp_path):
             page.goto(url)
             seen = tour.train(page)
             assert seen["state"] == "finished"
-            assert seen["loss_lines"] == 2  # the loss plot draws the train and the eval series
+            assert seen["loss_lines"] == 1  # the loss plot draws the training series
             assert "step 12 of 12" in page.locator("#job-state").inner_text()
             assert "finished" in page.locator("#outcome").inner_text()
             left, right = tour.compare(page)
