@@ -17,10 +17,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .config import LossConfig
 from .errors import UserError, first_line
 
 REFERENCE = "reference"
-DEFAULT_BETA = 0.1  # for a bare adapter folder whose run recipe (and so its beta) is unknown
+DEFAULT_BETA = LossConfig().beta  # for a bare adapter folder whose run recipe (and so its beta) is unknown
 
 
 @dataclass
