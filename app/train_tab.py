@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import shlex
 import shutil
 from pathlib import Path
@@ -13,6 +12,7 @@ import pandas as pd
 from lora_dpo.config import load_recipe
 from lora_dpo.errors import UserError
 from lora_dpo.losses import LOSSES
+from lora_dpo.plots import series
 
 from .jobs import JobManager, Progress, train_command
 from .workspace import Workspace
@@ -210,13 +210,11 @@ def _frame(rows: list[dict], key: str) -> pd.DataFrame | None:
     # The training rows only. gradio 6's LinePlot fixes its colour domain at the first drawn value, so an eval
     # series that starts later would never be drawn; the held-out figures are in the final table and in the
     # run's plots/ (PNG), which draw both.
-    data = [(r["step"], r[key]) for r in rows
-            if r.get("split") == "train" and isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
-    if not data:
+    steps, values = series(rows, "train", key)
+    if not steps:
         return None  # an empty plot: gradio 6 draws no line in a plot whose first value was an empty frame
     # explicit dtypes: `object` columns would be drawn as categories, not lines
-    return pd.DataFrame({"step": pd.Series([d[0] for d in data], dtype="int64"),
-                         "value": pd.Series([d[1] for d in data], dtype="float64")})
+    return pd.DataFrame({"step": pd.Series(steps, dtype="int64"), "value": pd.Series(values, dtype="float64")})
 
 
 def _clock(seconds) -> str:

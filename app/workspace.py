@@ -11,10 +11,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from lora_dpo.data import looks_like_path
 from lora_dpo.errors import UserError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
 
 
 @dataclass(frozen=True)
@@ -54,10 +54,10 @@ class Workspace:
         return path
 
     def is_path_like(self, text: str) -> bool:
-        """A name that means a file or folder (rather than `toy` or a Hub id)."""
+        """A name that means a file or folder (rather than `toy` or a Hub id): the data loader's rule, or
+        anything that exists in the workspace."""
         text = text.strip()
-        return (text.startswith(("/", ".", "~")) or text.endswith(DATA_SUFFIXES) or "\\" in text
-                or not HUB_ID.match(text) or (self.root / text).exists())
+        return looks_like_path(text) or not HUB_ID.match(text) or (self.root / text).exists()
 
     def check_name_or_path(self, text: str, *kinds: str, what: str) -> str:
         """A model or dataset field: `toy` or a Hub id pass unchanged; a path must lie inside `kinds`."""

@@ -72,7 +72,7 @@ class Comparer:
         import torch
         from peft import PeftModel
 
-        from .export import _load_tokenizer, resolve_source
+        from .export import load_source_tokenizer, resolve_source
         from .model import load_base_model
 
         if not 1 <= len(sources) <= 2:
@@ -99,7 +99,7 @@ class Comparer:
             raise UserError(f"cannot attach the adapter to {srcs[0].base_name}: {first_line(exc)}") from None
         model.eval()
         panes = [REFERENCE, "tuned"] if len(srcs) == 1 else ["A", "B"]
-        return cls(model, _load_tokenizer(srcs[0]), adapters, srcs[0].base_name, str(dev), panes)
+        return cls(model, load_source_tokenizer(srcs[0]), adapters, srcs[0].base_name, str(dev), panes)
 
     def compare(self, prompts: Sequence[str], sampling: Sampling = Sampling(), score_with: Optional[str] = None,
                 batch_size: int = 8) -> list[Row]:
@@ -134,32 +134,29 @@ class Comparer:
 
 def _model_config(src):
     """The run's model section (quantisation, dtype, revision ...) when the run is known, else the defaults."""
-    from .config import ModelConfig, _build
+    from .config import model_config
 
     section = dict((src.recipe or {}).get("model") or {})
     section["name"] = src.base_name
     if src.revision is not None:
         section["revision"] = src.revision
-    known = {f for f in ModelConfig.__dataclass_fields__}
-    return _build(ModelConfig, {k: v for k, v in section.items() if k in known}, "model.")
+    return model_config(section)
 
 
 def read_prompts(path: str | Path) -> list[str]:
-    """Prompts from a file: .json / .jsonl rows with a `prompt` string, or plain text with one prompt per line."""
+    """Prompts from a file: plain text with one prompt per line, or a .json/.jsonl/.csv/.parquet dataset with
+    a `prompt` column, read by the loader training uses (data.load_rows)."""
+    from .data import load_rows
+
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"--prompts-file {path}: cannot be read: {first_line(exc)}") from None
-    if path.suffix not in (".json", ".jsonl"):
-        return [line.strip() for line in text.splitlines() if line.strip()]
-    try:
-        rows = json.loads(text) if path.suffix == ".json" else [json.loads(l) for l in text.splitlines() if l.strip()]
-    except json.JSONDecodeError as exc:
-        raise UserError(f"--prompts-file {path}: not valid JSON: {exc}") from None
+    if path.suffix.lower() not in (".json", ".jsonl", ".csv", ".parquet"):
+        try:
+            return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"--prompts-file {path}: cannot be read: {first_line(exc)}") from None
     prompts = []
-    for i, row in enumerate(rows if isinstance(rows, list) else [rows]):
-        prompt = row.get("prompt") if isinstance(row, dict) else row
+    for i, row in enumerate(load_rows(str(path), "train")):
+        prompt = row.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise UserError(f"--prompts-file {path}: row {i} has no 'prompt' string")
         prompts.append(prompt)

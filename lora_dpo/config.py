@@ -303,6 +303,13 @@ def _check_across_keys(recipe: Recipe) -> None:
         )
 
 
+def model_config(section: dict) -> ModelConfig:
+    """A recipe's `model` section (e.g. a run's config.yaml) as a validated ModelConfig; unknown keys (from
+    another version) are ignored."""
+    known = set(ModelConfig.__dataclass_fields__)
+    return _build(ModelConfig, {k: v for k, v in section.items() if k in known}, "model.")
+
+
 def to_dict(recipe: Recipe) -> dict:
     return dataclasses.asdict(recipe)
 

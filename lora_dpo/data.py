@@ -110,7 +110,8 @@ def _suffix(path: Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
-def _looks_like_path(source: str) -> bool:
+def looks_like_path(source: str) -> bool:
+    """A data or model name meant as a file or folder, rather than `toy` or a Hub id."""
     # Hub ids are `name` or `owner/name`; anything else with a separator or a file suffix is meant as a path
     return (
         source.startswith((".", "/", "~"))
@@ -143,7 +144,7 @@ def _open_local(source: str) -> "datasets.DatasetDict | None":
         if suffix not in _BUILDERS:
             raise DataError(f"{source}: unsupported file type '{suffix}'; use .json, .jsonl, .csv or .parquet")
         return _load_local(source, _BUILDERS[suffix], data_files=str(path))
-    if _looks_like_path(source):
+    if looks_like_path(source):
         raise DataError(f"{source}: no such file or folder")
     return None
 
@@ -266,7 +267,7 @@ def _encode_source(
 def _eval_is_split(name: str) -> bool:
     # a bare word is a split of data.train, even if a folder of that name exists here (write ./name for that);
     # a path, a file name, `toy` or an owner/name Hub id is another dataset
-    return name != "toy" and "/" not in name and not _looks_like_path(name)
+    return name != "toy" and "/" not in name and not looks_like_path(name)
 
 
 def build_datasets(cfg: DataConfig, tokenizer, seed: int) -> tuple[list[EncodedPair], list[EncodedPair], DataReport]:

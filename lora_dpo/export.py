@@ -116,7 +116,7 @@ def resolve_source(source: str | os.PathLike, base: Optional[str] = None) -> Sou
     return Source(adapter_dir, run_dir, recipe, final, name, revision, bool(model.get("trust_remote_code")), plots)
 
 
-def _load_tokenizer(src: Source):
+def load_source_tokenizer(src: Source):
     """The tokenizer the adapter was trained with: saved beside it by the trainer, or else (a checkpoint, a
     bare peft adapter) the base's, prepared as the trainer prepares it."""
     if (src.adapter_dir / "tokenizer_config.json").is_file():
@@ -227,7 +227,7 @@ def _export_adapter(src: Source, out: Path, base_id, repo: str, log) -> ExportRe
         # peft's own README.md is a blank template: ours replaces it
         shutil.copytree(src.adapter_dir, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("README.md"))
         if not (tmp / "tokenizer_config.json").is_file():  # a checkpoint's adapter: the base's tokenizer
-            _load_tokenizer(src).save_pretrained(str(tmp))
+            load_source_tokenizer(src).save_pretrained(str(tmp))
         cfg = json.loads((tmp / "adapter_config.json").read_text())
         if base_id or Path(src.base_name).expanduser().is_dir():
             # others load the adapter by this name: a Hub id when known, else the base as given
@@ -246,7 +246,7 @@ def _export_merged(src, out, base_id, repo, dtype, device, max_shard_size, toler
     estimate = plan_merge(src, out, dtype, device, max_shard_size, trc, log)
 
     # 2. Reference log-probs of base + adapter, merge, save; 3. reload what was written, as a user will, and compare.
-    tokenizer = _load_tokenizer(src)
+    tokenizer = load_source_tokenizer(src)
     sequences, data = verification_sequences(src, tokenizer, verify_pairs, log)
     with staged_dir(out) as tmp:
         verification = merge_and_verify(tmp, src, sequences, data, dtype, device, max_shard_size, tolerance, trc, log)

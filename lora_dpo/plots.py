@@ -51,15 +51,15 @@ def write_plots(run_dir: str | Path) -> list[Path]:
         rows = read_metrics(run_dir / "metrics.jsonl")
     except FileNotFoundError:
         return []
-    series = {m: {split: _series(rows, split, m) for split in ("train", "eval")} for _, m, _, _ in CURVES}
-    if not any(steps for by_split in series.values() for steps, _ in by_split.values()):
+    curves = {m: {split: series(rows, split, m) for split in ("train", "eval")} for _, m, _, _ in CURVES}
+    if not any(steps for by_split in curves.values() for steps, _ in by_split.values()):
         return []
 
     out = run_dir / "plots"
     out.mkdir(parents=True, exist_ok=True)
     written, images = [], []
     for stem, metric, title, ylabel in CURVES:
-        image = _render(series[metric], metric, title, ylabel)
+        image = _render(curves[metric], metric, title, ylabel)
         written.append(_save(image, out / f"{stem}.png"))
         images.append(image)
     overview = np.concatenate([np.concatenate(images[:2], axis=1), np.concatenate(images[2:], axis=1)], axis=0)
@@ -67,7 +67,7 @@ def write_plots(run_dir: str | Path) -> list[Path]:
     return written
 
 
-def _series(rows: list[dict], split: str, metric: str) -> tuple[list[float], list[float]]:
+def series(rows: list[dict], split: str, metric: str) -> tuple[list[float], list[float]]:
     """(steps, values) of one metric in one split, in step order; rows without a finite value are left out."""
     points = []
     for row in rows:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 from gradio_client import Client
-from gradio_client.exceptions import AppError
+from gradio_client.exceptions import AppError, AuthenticationError
 
 import lora_dpo_app.export_tab as export_tab
 from lora_dpo_app.main import build_app, parse_auth
@@ -56,9 +56,13 @@ def app(ws):
     demo.close()
 
 
-def status(client, _plots={}) -> dict:
+DRAWN: dict = {}  # the plots as the page last drew them
+
+
+def status(client) -> dict:
     """The page timer's view. Plots come only when the rows changed since this session last drew them
-    (else an empty update): `_plots` keeps the last drawn ones, as the page does."""
+    (else an empty update): DRAWN keeps the last drawn ones, as the page does."""
+    _plots = DRAWN
     progress, *plots, log, outcome = client.predict(api_name="/status")
     for key, value in zip(("loss", "acc", "margin", "kl"), plots):
         if isinstance(value, dict) and "data" in value:
@@ -239,8 +243,10 @@ def test_login_is_required_when_asked(ws, monkeypatch):
     demo.queue()
     _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, server_port=free_port(), auth=("ann", "pw-1"))
     try:
-        with pytest.raises(Exception):
+        with pytest.raises(AuthenticationError, match="credentials were not provided"):
             Client(url, verbose=False)
+        with pytest.raises(ValueError, match="Could not login"):
+            Client(url, auth=("ann", "wrong"), verbose=False)
         assert Client(url, auth=("ann", "pw-1"), verbose=False).predict("recipes/quick.yaml", api_name="/load_recipe")
     finally:
         demo.close()

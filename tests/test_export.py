@@ -167,7 +167,7 @@ def test_verification_falls_back_to_fixed_prompts_when_the_runs_data_is_gone(tra
     (run / "config.yaml").write_text(yaml.safe_dump(recipe))
     src = ex.resolve_source(run)
     said = []
-    seqs, what = merge.verification_sequences(src, ex._load_tokenizer(src), log=said.append)
+    seqs, what = merge.verification_sequences(src, ex.load_source_tokenizer(src), log=said.append)
     assert what == f"{len(merge.FIXED_PAIRS)} fixed prompts and replies" and len(seqs) == len(merge.FIXED_PAIRS)
     assert "moved.jsonl" in said[0] and "fixed prompts" in said[0]
     assert all(prompt and completion for prompt, completion in seqs)

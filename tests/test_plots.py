@@ -92,8 +92,8 @@ def test_series_keeps_finite_values_of_one_split_in_step_order():
         {"step": 2, "split": "eval", "loss": 0.25},
         {"step": 6, "loss": 0.6},  # no split: a train row
     ]
-    assert plots._series(metrics, "train", "loss") == ([1, 3, 6], [0.1, 0.3, 0.6])
-    assert plots._series(metrics, "eval", "loss") == ([2], [0.25])
+    assert plots.series(metrics, "train", "loss") == ([1, 3, 6], [0.1, 0.3, 0.6])
+    assert plots.series(metrics, "eval", "loss") == ([2], [0.25])
 
 
 def test_smoothing_is_a_bias_corrected_moving_average():
