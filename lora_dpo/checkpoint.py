@@ -17,6 +17,7 @@ import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -36,6 +37,7 @@ class TrainerState:
     skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient norm
     window: dict = field(default_factory=dict)  # metrics of a logging window still open at save time
     baseline: dict = field(default_factory=dict)  # the reference model's eval metrics (for eval.json)
+    beta: Optional[float] = None  # adaptive beta's current value (None: the recipe's fixed loss.beta)
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -56,7 +58,7 @@ def save_checkpoint(run_dir: Path, state: TrainerState, model, optimizer, schedu
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    model.save_pretrained(str(tmp / "adapter"), state_dict=adapter_state)
+    model.save_pretrained(str(tmp / "adapter"), state_dict=adapter_state, selected_adapters=["default"])
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")

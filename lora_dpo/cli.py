@@ -14,6 +14,7 @@ from .errors import UserError
 
 EXAMPLES = """examples:
   lora-dpo train recipes/toy.yaml
+  lora-dpo sft recipes/toy-sft.yaml && lora-dpo train recipes/toy-dpo-from-sft.yaml
   lora-dpo train recipes/qwen2.5-1.5b-8gb.yaml data.train=my_pairs.jsonl train.lr=1e-5
   lora-dpo compare --adapter runs/toy --prompt "write a review of the night river ."
   lora-dpo app
@@ -33,6 +34,12 @@ def _parser() -> argparse.ArgumentParser:
                        description="Train; Ctrl-C or SIGTERM saves a checkpoint and exits 130; resume=true continues.")
     t.add_argument("recipe", help="path to a YAML recipe (see recipes/)")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-4")
+    f = sub.add_parser("sft", help="supervised fine-tuning of an adapter on responses (the stage before DPO)",
+                       description="Train a LoRA adapter on prompt/response data, loss on the responses only "
+                                   "(the recipe's stage is set to sft). A DPO recipe starts from it with "
+                                   "model.adapter=<this run>, which then is its reference.")
+    f.add_argument("recipe", help="path to a YAML recipe (see recipes/toy-sft.yaml)")
+    f.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-4")
     d = sub.add_parser("data", help="check a recipe's data and print its report, without loading the model")
     d.add_argument("recipe", help="path to a YAML recipe")
     d.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. data.train=pairs.jsonl")
@@ -63,11 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     from .stopping import Interrupted
 
     try:
-        if args.command == "train":
+        if args.command in ("train", "sft"):
             from .config import load_recipe
             from .trainer import train
 
-            train(load_recipe(args.recipe, args.overrides))
+            extra = ["stage=sft"] if args.command == "sft" else []
+            train(load_recipe(args.recipe, list(args.overrides) + extra))
         elif args.command == "data":
             import json
 

@@ -33,6 +33,7 @@ class ModelConfig:
     attn_implementation: Optional[str] = None  # e.g. sdpa, eager, flash_attention_2; None lets transformers choose
     gradient_checkpointing: bool = True  # recompute activations in backward: much less memory for ~30% more time
     trust_remote_code: bool = False  # run model code shipped with the checkpoint (only for models you trust)
+    adapter: Optional[str] = None  # LoRA adapter (folder, or a run directory with adapter/) the policy starts from, e.g. an SFT run; frozen, it is also the reference
 
 
 @dataclass
@@ -54,15 +55,22 @@ class DataConfig:
     on_bad_rows: Literal["error", "skip"] = "error"  # malformed rows stop the run (error) or are skipped and counted
     system_prompt: Optional[str] = None  # prepended as a system message to prompts that have none
     max_rows: Optional[int] = None  # read at most this many training rows (for quick trials)
+    rounds: list[str] = field(default_factory=list)  # iterative DPO: fresh training data for rounds 2, 3, ... (train.rounds - 1 sources); empty: `train` every round
 
 
 @dataclass
 class LossConfig:
-    name: Literal["dpo", "ipo", "hinge", "robust"] = "dpo"  # dpo = sigmoid loss of the DPO paper
+    name: Literal["dpo", "ipo", "hinge", "robust", "simpo", "orpo", "kto"] = "dpo"  # dpo = sigmoid loss of the DPO paper; simpo, orpo need no reference; kto takes unpaired good/bad examples
     beta: float = 0.1  # strength of the KL penalty to the reference; rewards are beta * log(pi/pi_ref)
     label_smoothing: float = 0.0  # assumed share of flipped labels (conservative DPO for dpo, robust DPO for robust)
     length_normalize: Optional[bool] = None  # average log-probs over completion tokens; None: only for ipo
     rpo_alpha: float = 0.0  # weight of the chosen response's per-token NLL added to the loss (RPO); 0: off
+    simpo_gamma: float = 0.5  # SimPO's target reward margin (in units of beta x mean log-prob)
+    desirable_weight: float = 1.0  # KTO: weight of the loss on desirable (label true) examples
+    undesirable_weight: float = 1.0  # KTO: weight on undesirable examples; raise it when they are rarer
+    target_kl: Optional[float] = None  # adaptive beta: steer the sampled KL to the reference (nats per token) toward this; None: fixed beta
+    kl_every: int = 5  # adaptive beta: optimizer steps between KL measurements (samples from the policy)
+    kl_prompts: int = 16  # adaptive beta: training prompts sampled per KL measurement
 
 
 @dataclass
@@ -86,6 +94,7 @@ class TrainConfig:
     keep_last: Optional[int] = 2  # checkpoints kept on disk, newest first; None keeps all
     max_nonfinite_steps: int = 3  # consecutive steps with a NaN/inf loss or gradient (each skipped) that stop the run
     report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)  # trackers via accelerate, off by default
+    rounds: int = 1  # iterative DPO: after each round of `epochs` (or max_steps) the policy becomes the frozen reference
 
 
 @dataclass
@@ -96,11 +105,23 @@ class EvalConfig:
     num_prompts: int = 32  # held-out prompts sampled for the behaviour score
     max_new_tokens: int = 64  # tokens generated per prompt for the behaviour score
     temperature: float = 1.0  # sampling temperature for the behaviour score (1.0 samples the model's own distribution)
+    min_diversity: float = 0.5  # warn when the samples' distinct-2 falls below this share of the reference's (collapse)
+
+
+@dataclass
+class OnlineConfig:
+    enabled: bool = False  # online DPO: each step samples completions for the step's prompts from the policy and trains on the judge's best/worst pair
+    judge: Optional[str] = None  # toy (the toy world's truth), module:function scoring (prompt, completions), or reward_model:PATH
+    samples: int = 2  # completions sampled per prompt (>= 2)
+    max_new_tokens: int = 64  # tokens sampled per completion
+    temperature: float = 1.0  # sampling temperature of the completions
+    top_p: float = 1.0  # nucleus sampling of the completions
 
 
 @dataclass
 class Recipe:
     output_dir: str = REQUIRED  # run directory: config.yaml, metrics.jsonl, adapter/, eval.json
+    stage: Literal["dpo", "sft"] = "dpo"  # dpo: preference training (loss.name picks the loss); sft: supervised fine-tuning on responses (lora-dpo sft)
     overwrite: bool = False  # replace a finished or failed run already in output_dir (else refuse: nothing is lost)
     resume: Union[bool, str] = False  # true: continue from the newest complete checkpoint in output_dir; or a checkpoint folder
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -109,6 +130,7 @@ class Recipe:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
 
 
 # Range checks: dotted key -> (predicate, what the value must be). Checked after types.
@@ -123,6 +145,18 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "loss.beta": (lambda v: v > 0, "> 0"),
     "loss.label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
     "loss.rpo_alpha": (lambda v: v >= 0, ">= 0"),
+    "loss.simpo_gamma": (lambda v: v >= 0, ">= 0"),
+    "loss.desirable_weight": (lambda v: v > 0, "> 0"),
+    "loss.undesirable_weight": (lambda v: v > 0, "> 0"),
+    "loss.target_kl": (lambda v: v is None or v > 0, "> 0"),
+    "loss.kl_every": (lambda v: v >= 1, ">= 1"),
+    "loss.kl_prompts": (lambda v: v >= 1, ">= 1"),
+    "train.rounds": (lambda v: v >= 1, ">= 1"),
+    "eval.min_diversity": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "online.samples": (lambda v: v >= 2, ">= 2"),
+    "online.max_new_tokens": (lambda v: v >= 1, ">= 1"),
+    "online.temperature": (lambda v: v > 0, "> 0 (online DPO needs different samples to rank)"),
+    "online.top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "train.epochs": (lambda v: v > 0, "> 0"),
     "train.max_steps": (lambda v: v is None or v >= 1, ">= 1"),
     "train.batch_size": (lambda v: v >= 1, ">= 1"),
@@ -272,6 +306,35 @@ def _fix_yaml_floats(node: Any) -> Any:
     return node
 
 
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _with_base(tree: dict, path: Path, seen: tuple = ()) -> dict:
+    """`base: other.yaml` (relative to this recipe) makes the recipe a set of changes to another one: its keys
+    are merged over the base's, section by section."""
+    if "base" not in tree:
+        return tree
+    base = tree.pop("base")
+    if not isinstance(base, str):
+        raise ConfigError(f"recipe {path}: base: expected the path of another recipe, got {base!r}")
+    base_path = (path.parent / base).resolve()
+    if base_path in seen or base_path == path.resolve():
+        raise ConfigError(f"recipe {path}: base: {base} includes itself")
+    if not base_path.is_file():
+        raise ConfigError(f"recipe {path}: base: no such file {base_path}")
+    try:
+        loaded = yaml.safe_load(base_path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"recipe {base_path}: not valid YAML: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"recipe {base_path}: expected a mapping of keys at the top level")
+    return _merge(_with_base(_fix_yaml_floats(loaded), base_path, seen + (path.resolve(),)), tree)
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> Recipe:
     """Read a YAML recipe (or start from `base`), apply dotted overrides, validate, return a `Recipe`."""
     tree: dict = dict(base or {})
@@ -285,7 +348,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), base: dict |
             raise ConfigError(f"recipe {path}: not valid YAML: {exc}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"recipe {path}: expected a mapping of keys at the top level")
-        tree = _fix_yaml_floats(loaded)
+        tree = _with_base(_fix_yaml_floats(loaded), path)
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(tree, key, value)
     recipe = _build(Recipe, tree, "")
@@ -301,6 +364,28 @@ def _check_across_keys(recipe: Recipe) -> None:
             f"model.quant_storage: a floating storage dtype must equal model.dtype ({m.dtype}), got {m.quant_storage}: "
             "FSDP shards the 4-bit weights together with the other parameters, which are in the compute dtype"
         )
+    loss, train, online = recipe.loss, recipe.train, recipe.online
+    if recipe.data.rounds and len(recipe.data.rounds) != train.rounds - 1:
+        raise ConfigError(f"data.rounds: lists {len(recipe.data.rounds)} sources for train.rounds={train.rounds}; round 1 "
+                          f"trains on data.train, so give {train.rounds - 1} (one per later round), or none to train "
+                          "on data.train every round")
+    if online.enabled and not online.judge:
+        raise ConfigError("online.judge: online DPO needs a judge: toy, module:function, or reward_model:PATH")
+    if recipe.stage == "sft":
+        if online.enabled or train.rounds > 1 or loss.target_kl is not None:
+            raise ConfigError("stage: sft trains on given responses; online.enabled, train.rounds and loss.target_kl "
+                              "belong to preference training (stage: dpo)")
+        return
+    reference_free = loss.name in REFERENCE_FREE
+    if reference_free and (train.rounds > 1 or loss.target_kl is not None):
+        key = "train.rounds" if train.rounds > 1 else "loss.target_kl"
+        raise ConfigError(f"{key}: loss.name={loss.name} has no reference model, so there is none to refresh or to "
+                          "steer the KL toward; use dpo, ipo, hinge, robust or kto")
+    if loss.name == "kto" and online.enabled:
+        raise ConfigError("online.enabled: online DPO trains on ranked pairs; use a pairwise loss (dpo, ipo, ...) not kto")
+
+
+REFERENCE_FREE = frozenset({"simpo", "orpo"})  # losses computed from the policy alone: no reference pass
 
 
 def model_config(section: dict) -> ModelConfig:

@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EncodedPair", "DataReport", "RowError", "load_rows", "detect_format", "normalise_row", "build_datasets",
-    "collate", "render_prompt", "encode_prompt", "encode_completion", "inspect_data", "percentile", "length_stats",
+    "collate", "render_prompt", "encode_prompt", "encode_completion", "encode_prompts", "encode_completions",
+    "load_split", "eval_is_split", "inspect_data", "percentile", "length_stats",
 ]  # fmt: skip
 
 Message = dict
@@ -64,17 +65,17 @@ def render_prompt(tokenizer, prompt: Prompt) -> str:
 def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
     """Token ids of the rendered prompt. The template itself places BOS where the model wants it, so no
     special tokens are added on top; without a template, BOS is prepended when the tokenizer has one."""
-    return _prompt_ids(tokenizer, [render_prompt(tokenizer, prompt)])[0]
+    return encode_prompts(tokenizer, [render_prompt(tokenizer, prompt)])[0]
 
 
 def encode_completion(tokenizer, text: str) -> list[int]:
     """Token ids of one reply, then exactly one EOS (the end-of-turn token of chat models)."""
-    return _completion_ids(tokenizer, [text])[0]
+    return encode_completions(tokenizer, [text])[0]
 
 
-# Batched forms of the two above (one call into the Rust tokenizer for a whole dataset); the single-item
+# Batched forms of the two above (also used by completions.py) (one call into the Rust tokenizer for a whole dataset); the single-item
 # functions go through them so that training and generation cannot tokenise differently.
-def _prompt_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+def encode_prompts(tokenizer, texts: list[str]) -> list[list[int]]:
     if not texts:
         return []
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -84,7 +85,7 @@ def _prompt_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     return ids
 
 
-def _completion_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+def encode_completions(tokenizer, texts: list[str]) -> list[list[int]]:
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the tokenizer has no EOS token, so a completion cannot be ended; set tokenizer.eos_token")
@@ -149,7 +150,7 @@ def _open_local(source: str) -> "datasets.DatasetDict | None":
     return None
 
 
-def _load_split(source: str, splits: tuple[str, ...]) -> tuple["datasets.Dataset", str]:
+def load_split(source: str, splits: tuple[str, ...]) -> tuple["datasets.Dataset", str]:
     """The first of `splits` that `source` has, and its name."""
     local = _open_local(source)
     if local is not None:
@@ -181,7 +182,7 @@ def load_rows(source: str, split: str) -> "datasets.Dataset":
     """One split of a dataset: `toy`, a local .json/.jsonl/.csv/.parquet file (its only split is `train`),
     a local folder, or a Hub dataset id. Raises DataError: missing file, unknown split (listing the
     available ones), a Hub dataset that cannot be loaded."""
-    return _load_split(source, (split,))[0]
+    return load_split(source, (split,))[0]
 
 
 # ------------------------------------------------------------------------------------------------ building
@@ -229,9 +230,9 @@ def _encode_source(
             bad.append((i, exc.reason))
         except TemplateError as exc:  # templates raise on conversations they refuse, e.g. roles out of order
             bad.append((i, f"the chat template rejected the prompt ({exc})"))
-    prompts = _prompt_ids(tokenizer, [text for _, _, text in kept])
-    chosen = _completion_ids(tokenizer, [row["chosen"] for _, row, _ in kept])
-    rejected = _completion_ids(tokenizer, [row["rejected"] for _, row, _ in kept])
+    prompts = encode_prompts(tokenizer, [text for _, _, text in kept])
+    chosen = encode_completions(tokenizer, [row["chosen"] for _, row, _ in kept])
+    rejected = encode_completions(tokenizer, [row["rejected"] for _, row, _ in kept])
     for (i, _, _), p in zip(kept, prompts):
         if not p:
             bad.append((i, "prompt renders to no tokens"))
@@ -264,7 +265,7 @@ def _encode_source(
     return pairs, measured
 
 
-def _eval_is_split(name: str) -> bool:
+def eval_is_split(name: str) -> bool:
     # a bare word is a split of data.train, even if a folder of that name exists here (write ./name for that);
     # a path, a file name, `toy` or an owner/name Hub id is another dataset
     return name != "toy" and "/" not in name and not looks_like_path(name)
@@ -306,10 +307,10 @@ def build_datasets(cfg: DataConfig, tokenizer, seed: int) -> tuple[list[EncodedP
     eval_keys: dict[int, bytes] = {}
     evals: list[EncodedPair] = []
     if cfg.eval is not None:
-        if _eval_is_split(cfg.eval):
+        if eval_is_split(cfg.eval):
             rows, label = load_rows(cfg.train, cfg.eval), f"{cfg.train} [{cfg.eval}]"
         else:
-            rows, split = _load_split(cfg.eval, ("test", "train"))
+            rows, split = load_split(cfg.eval, ("test", "train"))
             label = f"{cfg.eval} [{split}]"
         report.eval_from = f"from {label}"
         evals, eval_measured = _encode_source(rows, label, cfg, tokenizer, report)

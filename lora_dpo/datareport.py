@@ -51,6 +51,8 @@ class DataReport:
     equal_length_share: float = 0.0  # pairs whose completions have the same number of tokens
     duplicates: int = 0  # valid rows equal to an earlier row in (prompt, chosen, rejected); counted, not removed
     eval_in_train: int = 0  # eval pairs equal to a training pair in (prompt, chosen, rejected)
+    unit: str = "pair"  # what one training example is: a pair, or one completion (SFT, KTO)
+    labels: dict[str, int] = field(default_factory=dict)  # KTO: kept examples per label (desirable, undesirable)
 
     @property
     def length_bias(self) -> float:
@@ -67,14 +69,16 @@ class DataReport:
         why = f" skipped ({'; '.join(f'{n}x {r}' for r, n in reasons[:3])}{'; ...' if len(reasons) > 3 else ''})"
         lines = [
             f"data: {self.rows_read} rows ({fmts}) from {self.source}, {bad} malformed{why if bad else ''}, "
-            f"{self.dropped_for_length} pairs dropped for length (max_length={self.max_length})"
+            f"{self.dropped_for_length} {self.unit}s dropped for length (max_length={self.max_length})"
         ]
         if self.truncated_prompts or self.truncated_completions:
             lines.append(
                 f"      truncated: {self.truncated_prompts} prompts to their last {self.max_prompt_length} tokens, "
                 f"{self.truncated_completions} completions to fit max_length"
             )
-        lines.append(f"      pairs: {self.train_pairs} train, {self.eval_pairs} eval ({self.eval_from or 'no eval'})")
+        labels = "; " + ", ".join(f"{v} {k}" for k, v in self.labels.items()) if self.labels else ""
+        lines.append(f"      {self.unit}s: {self.train_pairs} train, {self.eval_pairs} eval ({self.eval_from or 'no eval'})"
+                     f"{labels}")
         if self.lengths:
             seq = self.lengths["sequence"]
             dup = f", {self.duplicates} exact {_plural(self.duplicates, 'duplicate')}" if self.duplicates else ""
@@ -135,13 +139,13 @@ class DataReport:
         counts = [
             ("read", self.rows_read, "row", ", ".join(f"{k}: {v}" for k, v in self.formats.items())),
             ("malformed, skipped", bad, "row", self._reasons()),
-            ("dropped for length", self.dropped_for_length, "pair",
+            ("dropped for length", self.dropped_for_length, self.unit,
              f"{dropped}max_length={self.max_length}, max_prompt_length={self.max_prompt_length}"),
-            ("truncated", self.truncated_pairs, "pair",
+            ("truncated", self.truncated_pairs, self.unit,
              f"kept with a cut: {self.truncated_prompts} prompts, {self.truncated_completions} completions"),
             ("exact duplicates", self.duplicates, "pair", "counted, not removed"),
-            ("training pairs", self.train_pairs, "pair", ""),
-            ("eval pairs", self.eval_pairs, "pair", self.eval_from or "no eval"),
+            (f"training {self.unit}s", self.train_pairs, self.unit, ", ".join(f"{v} {k}" for k, v in self.labels.items())),
+            (f"eval {self.unit}s", self.eval_pairs, self.unit, self.eval_from or "no eval"),
         ]  # fmt: skip
         if self.eval_in_train:
             counts.append(("eval in train", self.eval_in_train, "pair", "eval pairs that are also training pairs"))

@@ -27,7 +27,7 @@ from accelerate.utils import DistributedType
 
 from .checkpoint import STATE_FILE
 from .errors import ConfigError
-from .metrics import PairStats
+from .metrics import Stats
 
 
 def wants_cpu() -> bool:
@@ -150,22 +150,11 @@ def reduce_sum(accelerator, values: list[float]) -> list[float]:
     return accelerator.reduce(t, reduction="sum").tolist()
 
 
-def pack_stats(stats: PairStats) -> list[float]:
-    s = stats.state()
-    return [s["pairs"], s["tokens"], s["kl_num"], s["kl_den"]] + [s["sums"].get(k, 0.0) for k in PairStats.SUMMED]
-
-
-def unpack_stats(values: list[float]) -> PairStats:
-    pairs, tokens, kl_num, kl_den, *sums = values
-    return PairStats.from_state({"pairs": round(pairs), "tokens": round(tokens), "kl_num": kl_num, "kl_den": kl_den,
-                                 "sums": dict(zip(PairStats.SUMMED, sums)) if pairs else {}})
-
-
-def reduce_stats(accelerator, stats: PairStats) -> PairStats:
+def reduce_stats(accelerator, stats: Stats) -> Stats:
     """The metric sums of all processes, on every process."""
     if accelerator.num_processes == 1:
         return stats
-    return unpack_stats(reduce_sum(accelerator, pack_stats(stats)))
+    return type(stats).from_vector(reduce_sum(accelerator, stats.vector()))
 
 
 def max_over_processes(accelerator, value: float) -> float:

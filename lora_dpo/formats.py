@@ -83,17 +83,17 @@ def normalise_row(row: dict, fmt: str, system_prompt: str | None = None) -> dict
     system message to a prompt that has none (a string prompt becomes [system, user]). Raises RowError.
     """
     if fmt in ("standard", "conversational"):
-        prompt = _prompt(row.get("prompt"), "prompt")
+        prompt = parse_prompt(row.get("prompt"), "prompt")
         prefix = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        chosen = _reply(row.get("chosen"), "chosen", prefix)
-        rejected = _reply(row.get("rejected"), "rejected", prefix)
+        chosen = parse_reply(row.get("chosen"), "chosen", prefix)
+        rejected = parse_reply(row.get("rejected"), "rejected", prefix)
     elif fmt == "sharegpt":
-        prompt = _messages(row.get("conversations"), "conversations", sharegpt=True)
+        prompt = parse_messages(row.get("conversations"), "conversations", sharegpt=True)
         system = row.get("system")  # LLaMA-Factory keeps the system prompt in its own column
         if isinstance(system, str) and system.strip() and not _has_system(prompt):
             prompt = [{"role": "system", "content": system}] + prompt
-        chosen = _reply(row.get("chosen"), "chosen", prompt, sharegpt=True)
-        rejected = _reply(row.get("rejected"), "rejected", prompt, sharegpt=True)
+        chosen = parse_reply(row.get("chosen"), "chosen", prompt, sharegpt=True)
+        rejected = parse_reply(row.get("rejected"), "rejected", prompt, sharegpt=True)
     elif fmt in ("implicit", "hh"):
         prompt, chosen, rejected = _split_shared_prefix(row.get("chosen"), row.get("rejected"))
     else:
@@ -140,7 +140,7 @@ def _message(value, where: str, sharegpt: bool = False) -> dict:
     return {"role": role, "content": content}
 
 
-def _messages(value, field: str, sharegpt: bool = False) -> list[dict]:
+def parse_messages(value, field: str, sharegpt: bool = False) -> list[dict]:
     if value is None:
         raise RowError(f"{field} is missing")
     if not isinstance(value, list):
@@ -148,7 +148,7 @@ def _messages(value, field: str, sharegpt: bool = False) -> list[dict]:
     return [_message(m, f"{field} message {i + 1}", sharegpt) for i, m in enumerate(value)]
 
 
-def _prompt(value, field: str):
+def parse_prompt(value, field: str):
     if value is None:
         raise RowError(f"{field} is missing")
     if isinstance(value, str):
@@ -156,11 +156,11 @@ def _prompt(value, field: str):
     if isinstance(value, dict):  # a lone message
         return [_message(value, field)]
     if isinstance(value, list):
-        return _messages(value, field)
+        return parse_messages(value, field)
     raise RowError(f"{field} is {_type(value)}, expected text or a list of messages")
 
 
-def _reply(value, field: str, prompt: list[dict], sharegpt: bool = False) -> str:
+def parse_reply(value, field: str, prompt: list[dict], sharegpt: bool = False) -> str:
     """The text of one assistant reply, from text, one message, or a list of messages that may repeat the
     prompt's messages first (UltraFeedback-binarized style)."""
     if value is None:
@@ -170,7 +170,7 @@ def _reply(value, field: str, prompt: list[dict], sharegpt: bool = False) -> str
     if isinstance(value, dict):
         messages = [_message(value, field, sharegpt)]
     elif isinstance(value, list):
-        messages = _messages(value, field, sharegpt)
+        messages = parse_messages(value, field, sharegpt)
         if len(messages) > len(prompt) and messages[: len(prompt)] == prompt:
             messages = messages[len(prompt) :]
     else:
@@ -208,7 +208,7 @@ def _split_shared_prefix(chosen, rejected) -> tuple[list[dict], str, str]:
         if isinstance(value, str):
             convs.append(_parse_hh(value, field))
         elif isinstance(value, list):
-            convs.append(_messages(value, field))
+            convs.append(parse_messages(value, field))
         else:
             raise RowError(f"{field} is {_type(value)}, expected a conversation")
     c, r = convs

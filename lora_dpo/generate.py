@@ -38,7 +38,8 @@ def generate(
     seed: int = 0,
     batch_size: int = 16,
 ) -> list[str]:
-    """One sampled response per prompt, from the policy (`adapter=True`) or the reference (`adapter=False`).
+    """One sampled response per prompt, from the policy (`adapter=True`) or the reference (`adapter=False`:
+    `model.reference_model`, the bare base or the model's frozen REFERENCE adapter).
 
     temperature 0 decodes greedily. Sampling draws from a forked RNG seeded with `seed`, so the training
     RNG stream is untouched and the same seed gives the same samples with the adapter on or off.
@@ -46,7 +47,7 @@ def generate(
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id
     out: list[str] = []
-    adapter_ctx = contextlib.nullcontext() if adapter else model.disable_adapter()
+    adapter_ctx = contextlib.nullcontext() if adapter else reference_model(model)
     with _eval_mode(model), adapter_ctx, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for start in range(0, len(prompts), batch_size):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -75,7 +76,8 @@ def robust_loss(logits: Tensor, beta: float, label_smoothing: float = 0.0) -> Te
     return ((1 - e) * -F.logsigmoid(beta * logits) - e * -F.logsigmoid(-beta * logits)) / (1 - 2 * e)
 
 
-# Names must equal the Literal of lora_dpo.config.LossConfig.name (a test pins it).
+# Losses of the preference logits h; with REFERENCE_FREE (config.py) and "kto" these make up the Literal of
+# lora_dpo.config.LossConfig.name (a test pins it).
 LOSSES: dict[str, Callable[[Tensor, float, float], Tensor]] = {
     "dpo": dpo_loss,
     "ipo": ipo_loss,
@@ -85,6 +87,71 @@ LOSSES: dict[str, Callable[[Tensor, float, float], Tensor]] = {
 
 # Losses defined on length-averaged log-probs: used unless the recipe sets loss.length_normalize.
 LENGTH_NORMALIZED_BY_DEFAULT: frozenset[str] = frozenset({"ipo"})
+
+
+# ------------------------------------------------------------------------------------ without a reference
+# SimPO and ORPO score the policy alone, on length-averaged log-probs: no reference pass at all, so the
+# smallest GPUs pay for one forward and backward per step. Inputs are [B] mean log-probs per completion token.
+
+
+def simpo_loss(chosen_avg: Tensor, rejected_avg: Tensor, beta: float, gamma: float) -> Tensor:
+    """SimPO, [B] -> [B] (Meng et al. 2024): -log sigma(beta * (avg log pi(y_w) - avg log pi(y_l)) - gamma).
+
+    The implicit reward is beta times the mean log-prob per token (no reference); gamma is a target margin
+    between the rewards of chosen and rejected."""
+    return -F.logsigmoid(beta * (chosen_avg.float() - rejected_avg.float()) - gamma)
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x < 0, accurate at both ends (Maechler 2012): log(-expm1(x)) near 0, where
+    1 - exp(x) loses its digits, and log1p(-exp(x)) further out."""
+    x = x.float().clamp(max=-1e-7)  # a mean log-prob of exactly 0 would make the odds infinite
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def orpo_loss(chosen_avg: Tensor, rejected_avg: Tensor, beta: float) -> Tensor:
+    """ORPO, [B] -> [B] (Hong et al. 2024): NLL(y_w) - beta * log sigma(log odds(y_w) - log odds(y_l)).
+
+    p = exp(mean log-prob per token) and odds(y) = p / (1 - p); the NLL term is the mean per-token negative
+    log-likelihood of the chosen reply (supervised fine-tuning and preference in one loss, beta is the
+    paper's lambda)."""
+    a, b = chosen_avg.float(), rejected_avg.float()
+    log_odds = (a - b) - (log1mexp(a) - log1mexp(b))
+    return -a - beta * F.logsigmoid(log_odds)
+
+
+# ------------------------------------------------------------------------------------------------ KTO
+
+
+def kto_reference_point(policy_logps: Tensor, reference_logps: Tensor) -> Tensor:
+    """KTO's reference point z0, a scalar: the batch estimate of KL(pi || pi_ref), clamped at 0 and detached.
+
+    Estimated, as in the KTO paper, on mismatched (prompt, completion) examples of the batch: completions
+    that answer another prompt, which the policy has no reason to favour. Inputs: [M] summed log-probs of
+    those mismatched completions under the policy and the reference."""
+    return (policy_logps.float() - reference_logps.float()).mean().clamp(min=0).detach()
+
+
+def kto_loss(
+    policy_logps: Tensor,
+    reference_logps: Tensor,
+    desirable: Tensor,
+    reference_point: Tensor,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> Tensor:
+    """KTO, [N] -> [N] (Ethayarajh et al. 2024), for N unpaired examples with a good/bad label:
+
+        desirable:   w_D * (1 - sigma(beta * (r - z0)))
+        undesirable: w_U * (1 - sigma(beta * (z0 - r)))
+
+    r = log pi(y|x) - log pi_ref(y|x) (summed log-probs); z0 = `kto_reference_point`; `desirable` is a [N] bool."""
+    r = policy_logps.float() - reference_logps.float()
+    z = reference_point.float()
+    good = desirable_weight * (1 - torch.sigmoid(beta * (r - z)))
+    bad = undesirable_weight * (1 - torch.sigmoid(beta * (z - r)))
+    return torch.where(desirable.bool(), good, bad)
 
 
 def chosen_nll(policy_chosen_logps, chosen_counts) -> Tensor:

@@ -141,17 +141,25 @@ def load_base_model(cfg: ModelConfig, device: torch.device, sharded: bool = Fals
     return model
 
 
+POLICY = "default"  # peft's name of the adapter that trains
+REFERENCE = "reference"  # a frozen adapter that, when present, is pi_ref (an SFT start, an iterative round)
+
+
+def _enable_checkpointing(model) -> None:
+    # non-reentrant checkpointing needs no input that requires grad, so the frozen embeddings stay frozen
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def attach_lora(model, cfg: LoraConfig, gradient_checkpointing: bool):
     """Wrap `model` in a peft LoRA adapter named `default`; only the adapter trains."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
     if gradient_checkpointing:
-        # non-reentrant checkpointing needs no input that requires grad, so the frozen embeddings stay frozen
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _enable_checkpointing(model)
     peft_cfg = PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
@@ -167,17 +175,76 @@ def attach_lora(model, cfg: LoraConfig, gradient_checkpointing: bool):
         raise ConfigError(f"lora.target_modules: {first_line(exc)}") from None
 
 
-def load_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig, device: torch.device, sharded: bool = False):
-    """Base + fresh LoRA adapter: the policy, whose adapter-disabled self is the reference."""
+def resolve_adapter(path: str, key: str = "model.adapter") -> Path:
+    """The peft adapter folder named by `path`: the folder itself, or a run directory's adapter/."""
+    folder = Path(path).expanduser()
+    for candidate in (folder, folder / "adapter"):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    raise ConfigError(f"{key}: no LoRA adapter in '{path}' (expected adapter_config.json there or in {folder / 'adapter'})")
+
+
+def load_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig, device: torch.device, sharded: bool = False,
+                reference_adapter: bool = False):
+    """Base + LoRA adapter: the policy.
+
+    Fresh adapter (the usual case): the reference is the policy with its adapter disabled, the bare base.
+    `model_cfg.adapter` set: the policy starts as a copy of that adapter (an SFT run's, say) and the adapter
+    itself, frozen, is loaded beside it as REFERENCE: two adapters on one 4-bit base, and the reference is
+    the model the user started from, never silently the bare base. `reference_adapter`: give a fresh policy
+    a REFERENCE adapter too (a copy of it, see `snapshot_reference`), for iterative rounds."""
     base = load_base_model(model_cfg, device, sharded)
-    return attach_lora(base, lora_cfg, model_cfg.gradient_checkpointing)
+    if not model_cfg.adapter:
+        policy = attach_lora(base, lora_cfg, model_cfg.gradient_checkpointing)
+        if reference_adapter:
+            policy.add_adapter(REFERENCE, policy.peft_config[POLICY])
+            policy.set_adapter(POLICY)
+            snapshot_reference(policy)
+        return policy
+    from peft import PeftModel
+
+    folder = resolve_adapter(model_cfg.adapter)
+    if model_cfg.gradient_checkpointing:
+        _enable_checkpointing(base)
+    try:
+        policy = PeftModel.from_pretrained(base, str(folder), adapter_name=POLICY, is_trainable=True)
+        policy.load_adapter(str(folder), adapter_name=REFERENCE, is_trainable=False)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ConfigError(f"model.adapter: cannot attach '{model_cfg.adapter}' to {model_cfg.name}: {first_line(exc)}") from None
+    policy.set_adapter(POLICY)
+    return policy
+
+
+def snapshot_reference(model) -> None:
+    """Copy the policy adapter's weights into the REFERENCE adapter: from now on pi_ref is the policy as it is
+    (iterative DPO: the end of one round is the next round's reference; no merge, no second model)."""
+    params = dict(model.named_parameters())
+    tag, src = f".{REFERENCE}.", f".{POLICY}."
+    with torch.no_grad():
+        for name, p in params.items():
+            if tag in name:
+                p.copy_(params[name.replace(tag, src)])
+
+
+def has_reference_adapter(model) -> bool:
+    return REFERENCE in getattr(model, "peft_config", {})
 
 
 @contextlib.contextmanager
 def reference_model(model):
-    """Inside this block `model` is pi_ref: the adapter is off and no graph is built."""
-    with model.disable_adapter(), torch.no_grad():
-        yield model
+    """Inside this block `model` is pi_ref and no graph is built: the REFERENCE adapter when the model has one
+    (a run started from an adapter, or an iterative round), else the base with the adapter disabled."""
+    if not has_reference_adapter(model):
+        with model.disable_adapter(), torch.no_grad():
+            yield model
+        return
+    active = model.active_adapter
+    model.set_adapter(REFERENCE, inference_mode=True)  # (frozen: its weights never train)
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.set_adapter(active)  # the policy's adapter active and trainable again, the reference frozen
 
 
 def trainable_parameters(model) -> list[torch.nn.Parameter]:
@@ -187,5 +254,5 @@ def trainable_parameters(model) -> list[torch.nn.Parameter]:
 def save_adapter(model, tokenizer, folder: str | Path, state_dict: dict | None = None) -> None:
     """Write the adapter in peft's format with the tokenizer files beside it. `state_dict`: the adapter's
     weights gathered from processes that each hold a shard of them (FSDP, ZeRO-3)."""
-    model.save_pretrained(str(folder), state_dict=state_dict)
+    model.save_pretrained(str(folder), state_dict=state_dict, selected_adapters=[POLICY])
     tokenizer.save_pretrained(str(folder))

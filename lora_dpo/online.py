@@ -70,6 +70,14 @@ class ToyJudge(Judge):
         ]
 
 
+def toy_quality(text: str) -> float:
+    """A behaviour score for the toy world that counts only well-formed reviews: `positive_share` of a
+    grammatical review, 0 for broken text (the toy judge's view, scaled to [0, 1])."""
+    from .toy import positive_share
+
+    return positive_share(text) if is_grammatical(text) else 0.0
+
+
 class CallableJudge(Judge):
     """`fn(prompt, completions) -> scores`, called once per prompt; its return is checked every call."""
 

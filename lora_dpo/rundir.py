@@ -78,11 +78,15 @@ def truncate_metrics(path: Path, step: int) -> None:
     atomic_text(path, "".join(f"{line}\n" for line in kept))
 
 
-def data_fingerprint(pairs, tokenizer_name: str) -> str:
-    """sha256 of the tokenised pairs and the tokenizer: equal fingerprints, equal training data."""
+def data_fingerprint(items, tokenizer_name: str) -> str:
+    """sha256 of the tokenised examples (pairs, or single completions with their labels) and the tokenizer:
+    equal fingerprints, equal training data."""
     h = hashlib.sha256(tokenizer_name.encode())
-    for p in pairs:
-        h.update(json.dumps([p.index, p.prompt_ids, p.chosen_ids, p.rejected_ids]).encode())
+    for p in items:
+        if hasattr(p, "chosen_ids"):
+            h.update(json.dumps([p.index, p.prompt_ids, p.chosen_ids, p.rejected_ids]).encode())
+        else:
+            h.update(json.dumps([p.index, p.prompt_ids, p.completion_ids, p.desirable]).encode())
     return h.hexdigest()
 
 

@@ -1,7 +1,9 @@
-"""The DPO training loop, explicit and on accelerate: forward, loss, accumulate, clip, step, log, evaluate.
+"""The training loop, explicit and on accelerate: forward, loss, accumulate, clip, step, log, evaluate.
 
 Read `train()` top to bottom: it checks the recipe and the data before any model loads, computes the
-reference log-probs once, then runs the optimizer steps and writes the run directory of DESIGN.md.
+reference log-probs once (per round), then runs the optimizer steps and writes the run directory of DESIGN.md.
+What is computed on a batch (DPO and its relatives, KTO, SFT, online DPO) is the objective's (objectives.py);
+the loop is the same for all.
 The same loop runs in several processes under `accelerate launch` (see distributed.py); only the main
 process writes the run directory and the terminal.
 """
@@ -25,102 +27,22 @@ from . import rundir
 from .checkpoint import (TrainerState, checkpoint_dir, complete_checkpoints, find_resume_checkpoint, load_checkpoint,
                          rng_state, save_checkpoint)
 from .config import Recipe, save_recipe, to_dict
-from .data import EncodedPair, build_datasets, collate
 from .distributed import (PairStream, PolicyLogps, check_same_global_batch, clip_params, configure_deepspeed,
-                          gathered_adapter, is_main_process, is_sharded, max_over_processes, pack_stats, policy_of,
-                          reduce_stats, reduce_sum, shards, step_micro_batches, unpack_stats, wants_cpu)
+                          gathered_adapter, is_main_process, is_sharded, max_over_processes, policy_of, reduce_sum,
+                          step_micro_batches, wants_cpu)
 from .errors import ConfigError, UserError
 from .generate import generate, load_scorer
-from .logps import SequenceLogps
-from .losses import LENGTH_NORMALIZED_BY_DEFAULT, chosen_nll, preference_loss
-from .metrics import MetricsLog, PairStats, peak_memory_gb
-from .model import load_policy, load_tokenizer, reference_model, save_adapter, trainable_parameters
+from .metrics import MetricsLog, peak_memory_gb
+from .model import (REFERENCE, load_policy, load_tokenizer, resolve_adapter, save_adapter, snapshot_reference,
+                    trainable_parameters)
+from .objectives import make_objective
+from .probes import AdaptiveBeta, sample_metrics, sampled_kl
 from .stopping import Interrupted, StopRequest
 
 
 def log(msg: str) -> None:
     if is_main_process():
         tqdm.write(msg, file=sys.stderr)
-
-
-@torch.no_grad()
-def reference_logps(model, pairs: list[EncodedPair], batch_size: int, pad_id: int, accelerator) -> torch.Tensor:
-    """[len(pairs), 2] summed log pi_ref of (chosen, rejected), computed once with the adapter disabled.
-
-    The reference never changes during offline DPO, so this one pass replaces a reference forward in every
-    training step (about a third of a step's compute). Each process computes its share of the rows and
-    leaves the others at zero; a sum over processes then assembles the table, exactly."""
-    out = torch.zeros(len(pairs), 2)
-    model.eval()
-    for idx, ghost in shards(len(pairs), batch_size, accelerator.process_index, accelerator.num_processes):
-        b = _to(collate([pairs[i] for i in idx], pad_id), accelerator.device)
-        with reference_model(policy_of(model)):
-            sums, _ = model(b["input_ids"], b["attention_mask"], b["loss_mask"])
-        if not ghost:
-            out[idx[0] : idx[-1] + 1] = sums.view(2, -1).T.cpu()
-    if accelerator.num_processes > 1:
-        out = accelerator.reduce(out.to(accelerator.device), reduction="sum").cpu()
-    return out
-
-
-def _to(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def pair_losses(recipe: Recipe, model, batch: dict, ref_sums: torch.Tensor | None, stats: PairStats):
-    """Loss of one batch of pairs: one concatenated forward of [chosen; rejected] through `model` (a prepared
-    `PolicyLogps`), the reference from the precomputed table or a no-grad adapter-off pass. Adds the batch's
-    metrics to `stats`; returns the mean loss."""
-    policy = SequenceLogps(*model(batch["input_ids"], batch["attention_mask"], batch["loss_mask"]))
-    if ref_sums is None:
-        with reference_model(policy_of(model)):
-            ref, _ = model(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
-    else:
-        ref = ref_sums.T.reshape(-1).to(policy.sums.device)  # [B, 2] -> [chosen..., rejected...]
-    norm = recipe.loss.length_normalize
-    if norm is None:
-        norm = recipe.loss.name in LENGTH_NORMALIZED_BY_DEFAULT
-    counts = policy.counts.clamp(min=1)
-    pol, rf = (policy.sums / counts, ref / counts) if norm else (policy.sums, ref)
-    b = pol.shape[0] // 2
-    out = preference_loss(
-        recipe.loss.name, pol[:b], pol[b:], rf[:b], rf[b:], recipe.loss.beta, recipe.loss.label_smoothing
-    )
-    loss = out.losses
-    if recipe.loss.rpo_alpha > 0:
-        loss = loss + recipe.loss.rpo_alpha * chosen_nll(policy.sums[:b], policy.counts[:b])
-    kl_num = (policy.sums.detach() - ref).sum()
-    stats.add(
-        loss, out.chosen_rewards, out.rejected_rewards, policy.sums[:b], policy.sums[b:],
-        kl_num, policy.counts.sum(), batch["attention_mask"].sum(),
-    )
-    return loss.mean()
-
-
-@torch.no_grad()
-def evaluate(recipe: Recipe, model, pairs: list[EncodedPair], ref: torch.Tensor, pad_id: int, accelerator) -> dict:
-    """Metrics of the policy on held-out pairs, every pair weighted equally, split across processes."""
-    model.eval()
-    stats = PairStats()
-    for idx, ghost in shards(len(pairs), recipe.eval.batch_size, accelerator.process_index, accelerator.num_processes):
-        batch = _to(collate([pairs[i] for i in idx], pad_id), accelerator.device)
-        pair_losses(recipe, model, batch, ref[idx], PairStats() if ghost else stats)
-    return reduce_stats(accelerator, stats).means()
-
-
-def behaviour_score(recipe: Recipe, model, tokenizer, pairs: list[EncodedPair], adapter: bool) -> float | None:
-    """Mean scorer value over responses sampled for held-out prompts (None when the recipe has no scorer).
-    `model` is the peft model. Every process samples the same prompts from the same seed, so all of them get
-    the same score without communicating (and under FSDP their collective forwards stay in step)."""
-    if not recipe.eval.scorer or recipe.eval.num_prompts == 0 or not pairs:
-        return None
-    scorer = load_scorer(recipe.eval.scorer)
-    prompts = [p.prompt for p in pairs[: recipe.eval.num_prompts]]
-    texts = generate(
-        model, tokenizer, prompts, adapter=adapter, max_new_tokens=recipe.eval.max_new_tokens,
-        temperature=recipe.eval.temperature, seed=recipe.train.seed,
-    )
-    return sum(float(scorer(t)) for t in texts) / len(texts)
 
 
 def mixed_precision(recipe: Recipe, device_type: str) -> str:
@@ -142,8 +64,43 @@ def make_optimizer(recipe: Recipe, params):
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
 
 
+class Sampler:
+    """Samples from the policy (or the reference) on held-out prompts and measures them (probes.py): the
+    behaviour score, diversity, sampled KL. Every process samples the same prompts from the same seed, so all
+    of them get the same figures without communicating (and under FSDP their collective forwards stay in step)."""
+
+    def __init__(self, recipe: Recipe, tokenizer, prompts: list):
+        e = recipe.eval
+        self.recipe, self.tokenizer = recipe, tokenizer
+        self.prompts = prompts[: e.num_prompts]
+        self.scorer = load_scorer(e.scorer) if e.scorer else None
+        self.reference_distinct: float | None = None
+
+    def __call__(self, policy, adapter: bool) -> dict:
+        if not self.prompts:
+            return {}
+        e = self.recipe.eval
+        out = sample_metrics(policy, self.tokenizer, self.prompts, adapter=adapter, max_new_tokens=e.max_new_tokens,
+                             temperature=e.temperature, seed=self.recipe.train.seed, scorer=self.scorer)
+        d2 = out["diversity/distinct_2"]
+        if not adapter:
+            self.reference_distinct = d2
+        elif self.reference_distinct and d2 < e.min_diversity * self.reference_distinct:
+            log(f"warning: the policy's samples are collapsing: distinct-2 {d2:.3f} against the reference's "
+                f"{self.reference_distinct:.3f} (eval.min_diversity={e.min_diversity:g}); lower train.lr or raise "
+                "loss.beta, or set loss.target_kl")
+        return out
+
+
+def round_steps(recipe: Recipe, sizes: list[int], pairs_per_step: int) -> list[int]:
+    """Optimizer steps of each round: train.max_steps, or train.epochs over the round's data."""
+    t = recipe.train
+    return [t.max_steps or max(1, math.ceil(t.epochs * n / pairs_per_step)) for n in sizes]
+
+
 def train(recipe: Recipe) -> dict:
-    """Run DPO as the recipe says; return the final evaluation (also written to eval.json).
+    """Train as the recipe says (DPO and its relatives, KTO, SFT, online DPO, in rounds); return the final
+    evaluation (also written to eval.json).
 
     Raises `Interrupted` after a safe stop (checkpoint written) and `UserError` for what the user can fix."""
     t = recipe.train
@@ -163,16 +120,22 @@ def train(recipe: Recipe) -> dict:
         check_same_global_batch(resume_from, recipe.train, world)
     if recipe.eval.scorer:
         load_scorer(recipe.eval.scorer)  # a bad scorer is a recipe error, reported before the model loads
+    if recipe.model.adapter:
+        resolve_adapter(recipe.model.adapter)  # and so is a missing start adapter
+    if recipe.online.enabled:
+        from .online import check_judge_spec
+
+        check_judge_spec(recipe.online.judge)  # and a judge that cannot be imported
     set_seed(t.seed)
 
     # 1. Data, checked before any model loads (only the tokenizer is needed to tokenise). One process per
     #    machine fills the caches (the toy world, datasets) before the others read them.
     with procs.local_main_process_first():
         tokenizer = load_tokenizer(recipe.model)
-        train_pairs, eval_pairs, report = build_datasets(recipe.data, tokenizer, t.seed)
-    log(report.summary())
-    if recipe.eval.max_pairs:
-        eval_pairs = eval_pairs[: recipe.eval.max_pairs]
+        objective = make_objective(recipe, tokenizer)
+        rounds = [objective.train] + [objective.load_train(src) for src in recipe.data.rounds]
+    log(objective.report.summary())
+    rounds += [objective.train] * (t.rounds - len(rounds))  # rounds without data of their own reuse data.train
 
     # 2. Device, precision, trackers, model.
     device = procs.device  # the process's device, known before the precision is chosen
@@ -191,13 +154,17 @@ def train(recipe: Recipe) -> dict:
     configure_deepspeed(accelerator, t.batch_size, t.max_grad_norm)
     if t.optimizer == "paged_adamw_8bit":
         make_optimizer(recipe, [])  # fail now, not after the model has loaded
-    policy = load_policy(recipe.model, recipe.lora, device, sharded)
+    policy = load_policy(recipe.model, recipe.lora, device, sharded, reference_adapter=t.rounds > 1)
+    if recipe.model.adapter:
+        log(f"policy and reference start from the adapter {resolve_adapter(recipe.model.adapter)} "
+            "(two adapters on one base; the lora.* keys come from it)")
 
-    # 3. Schedule: optimizer steps from epochs (or max_steps); warmup then decay. Each step averages exactly
-    #    `pairs_per_step` pairs of the data stream (distributed.py), so the step count is the same for any
-    #    number of processes with the same global batch.
-    n_train = len(train_pairs)
-    total_steps = t.max_steps or max(1, math.ceil(t.epochs * n_train / pairs_per_step))
+    # 3. Schedule: optimizer steps from epochs (or max_steps) in each round; warmup then decay over them all.
+    #    Each step averages exactly `pairs_per_step` examples of the round's data stream (distributed.py), so
+    #    the step count is the same for any number of processes with the same global batch.
+    steps = round_steps(recipe, [len(r) for r in rounds], pairs_per_step)
+    ends = [sum(steps[: k + 1]) for k in range(len(steps))]  # the step that ends each round
+    total_steps = ends[-1]
     params = trainable_parameters(policy)
     optimizer = make_optimizer(recipe, params)
     scheduler = get_scheduler(
@@ -206,7 +173,6 @@ def train(recipe: Recipe) -> dict:
         num_warmup_steps=int(t.warmup_ratio * total_steps),
         num_training_steps=total_steps,
     )
-    pad_id = tokenizer.pad_token_id
 
     # 4. A resumed run restores its state before the engine wraps the model (under FSDP the adapter is then
     #    sharded from the restored weights); a fresh run writes its record. Every process has checked the run
@@ -226,72 +192,93 @@ def train(recipe: Recipe) -> dict:
             out.mkdir(parents=True, exist_ok=True)
             rundir.clear(out)
             save_recipe(recipe, out / "config.yaml")
-            (out / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2))
-            fingerprints = {"train": rundir.data_fingerprint(train_pairs, recipe.model.name),
-                            "eval": rundir.data_fingerprint(eval_pairs, recipe.model.name)}
-            info = {**rundir.run_info(device, fingerprints), "processes": world, "total_steps": total_steps}
+            (out / "data_report.json").write_text(json.dumps(objective.report.to_dict(), indent=2))
+            info = {**rundir.run_info(device, objective.fingerprints()), "processes": world, "total_steps": total_steps}
             (out / "run_info.json").write_text(json.dumps(info, indent=2))
     state.pairs_per_step, state.processes = pairs_per_step, world
+    round_idx = sum(state.step >= end for end in ends[:-1])  # rounds already finished
+    if round_idx:  # a resumed later round: its reference is the policy that ended the previous one
+        load_round_reference(policy, out, round_idx)
+        objective.set_train(rounds[round_idx])
+    controller = None
+    if recipe.loss.target_kl is not None and recipe.loss.name in ("dpo", "robust", "kto") and not recipe.loss.label_smoothing:
+        log(f"notice: loss.target_kl with {recipe.loss.name} and no label smoothing: this loss has no finite optimum, "
+            "so a larger beta only slows the drift from the reference and cannot pull it back; loss.label_smoothing "
+            "(e.g. 0.1) or loss.name=ipo give beta a hold on the KL in both directions")
+    if recipe.loss.target_kl is not None:
+        controller = AdaptiveBeta(state.beta or recipe.loss.beta, recipe.loss.target_kl, floor=recipe.loss.beta)
+        objective.beta = controller.beta
     model, optimizer, scheduler = accelerator.prepare(PolicyLogps(policy), optimizer, scheduler)
     policy = policy_of(model)
     if t.report_to:
         accelerator.init_trackers("lora-dpo", config=_flat(to_dict(recipe)))
+    sampler = Sampler(recipe, tokenizer, objective.prompts("eval"))
 
     def checkpoint() -> Path:
         """All processes call this: their RNG states go to the main one, which writes the checkpoint."""
         rngs = gather_object([rng_state()]) if world > 1 else None
         adapter = gathered_adapter(accelerator, model) if sharded else None
+        state.beta = controller.beta if controller else None
         if main:
             save_checkpoint(out, state, policy, None if sharded else optimizer, scheduler, accelerator.scaler,
                             t.keep_last, rngs, adapter)
         accelerator.wait_for_everyone()
         return checkpoint_dir(out) / f"step-{state.step}"
 
+    def evaluation() -> dict:
+        """Held-out metrics, then the sampled figures of the policy; leaves the model in train mode."""
+        row = objective.evaluate(model, accelerator) if objective.eval else {}
+        row.update(sampler(policy, adapter=True))
+        model.train()
+        return row
+
     with _out_of_memory_advice(), StopRequest() as stop:
-        # 5. Reference log-probs, once; and the baseline: before training the policy *is* the reference
-        #    (LoRA's B starts at zero), so its eval metrics are those of the reference model.
-        ref_train = None
-        if t.precompute_reference:
-            ref_train = reference_logps(model, train_pairs, recipe.eval.batch_size, pad_id, accelerator)
-        ref_eval = reference_logps(model, eval_pairs, recipe.eval.batch_size, pad_id, accelerator)
+        # 5. Reference log-probs, once per round; and the baseline: before training the policy *is* the
+        #    reference (LoRA's B starts at zero, or the policy is a copy of the start adapter), so its eval
+        #    metrics are those of the reference model.
+        objective.prepare(model, accelerator)
         if resume_from is None:
-            state.baseline = evaluate(recipe, model, eval_pairs, ref_eval, pad_id, accelerator) if eval_pairs else {}
-            before = behaviour_score(recipe, policy, tokenizer, eval_pairs, adapter=False)
-            if before is not None:
-                state.baseline["behaviour"] = before
-                log(f"behaviour score of the reference model: {before:.3f}")
+            state.baseline = objective.evaluate(model, accelerator) if objective.eval else {}
+            state.baseline.update(sampler(policy, adapter=False))
+            if "behaviour" in state.baseline:
+                log(f"behaviour score of the reference model: {state.baseline['behaviour']:.3f}")
+        elif sampler.prompts:
+            sampler.reference_distinct = state.baseline.get("diversity/distinct_2")
         if reduce_sum(accelerator, [float(bool(stop.requested))])[0]:
             raise Interrupted("stopped before the first step; nothing to save")
 
-        # 6. The loop. One optimizer step = grad_accum micro-batches of batch_size pairs on each process, the
-        #    next `pairs_per_step` pairs of the data stream; the stream position (pairs_seen) resumes it.
+        # 6. The loop. One optimizer step = grad_accum micro-batches of batch_size examples on each process, the
+        #    next `pairs_per_step` examples of the round's data stream; the step count locates it on resume.
         metrics = MetricsLog(out / "metrics.jsonl") if main else _Discard()
-        log(f"training: {n_train} pairs, {total_steps} steps of {pairs_per_step} pairs "
-            f"({t.batch_size} x {t.grad_accum} x {world} process(es)), on {device}")
-        bar = tqdm(total=total_steps, initial=state.step, desc="dpo", dynamic_ncols=True, file=sys.stderr,
-                   disable=not main)
-        stream = PairStream(n_train, t.seed)
-        window, nonfinite_in_a_row = PairStats.from_state(state.window), 0
-        window_start = time.perf_counter()
+        unit = objective.unit
+        log(f"training: {len(objective.train)} {unit}s, {total_steps} steps of {pairs_per_step} {unit}s "
+            f"({t.batch_size} x {t.grad_accum} x {world} process(es)){f', {t.rounds} rounds' if t.rounds > 1 else ''}"
+            f", on {device}")
+        bar = tqdm(total=total_steps, initial=state.step, desc=recipe.stage if recipe.stage != "dpo" else recipe.loss.name,
+                   dynamic_ncols=True, file=sys.stderr, disable=not main)
+        stream = PairStream(len(objective.train), t.seed + round_idx)
+        window, nonfinite_in_a_row = objective.Stats.from_state(state.window), 0
+        window_start, probe = time.perf_counter(), {}
         model.train()
         while state.step < total_steps:
-            step_stats, finite = PairStats(), True
-            for positions in step_micro_batches(stream, state.pairs_seen, t.batch_size, t.grad_accum, rank, world):
-                batch = _to(collate([train_pairs[i] for i in positions], pad_id), device)
-                ref = ref_train[positions] if ref_train is not None else None
+            start = ends[round_idx - 1] if round_idx else 0
+            position = (state.step - start) * pairs_per_step  # the step's place in this round's stream
+            step_stats, finite = objective.Stats(), True
+            objective.step = state.step  # (online DPO seeds its sampling with it)
+            for positions in step_micro_batches(stream, position, t.batch_size, t.grad_accum, rank, world):
                 with accelerator.accumulate(model):
-                    loss = pair_losses(recipe, model, batch, ref, step_stats)
+                    loss = objective.loss(model, positions, step_stats, device)
                     finite = finite and bool(torch.isfinite(loss))
                     accelerator.backward(loss)
-            # The last micro-batch synchronised the gradients: each is now the mean over the step's pairs.
+            # The last micro-batch synchronised the gradients: each is now the mean over the step's examples.
             assert accelerator.sync_gradients, "micro-batches out of step with accelerate's accumulation"
             clip = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
             grad_norm = float(accelerator.clip_grad_norm_(clip_params(accelerator, model, params), clip))
             # One reduction per step: the metric sums, and whether any process saw a non-finite loss or
             # gradient norm, or was asked to stop; so every process skips, logs and stops alike.
             local_bad = not (finite and math.isfinite(grad_norm))
-            *sums, bad, stops = reduce_sum(accelerator, pack_stats(step_stats) + [float(local_bad), float(bool(stop.requested))])
-            step_stats, finite, stopping = unpack_stats(sums), bad == 0, stops > 0
+            *sums, bad, stops = reduce_sum(accelerator, step_stats.vector() + [float(local_bad), float(bool(stop.requested))])
+            step_stats, finite, stopping = objective.Stats.from_vector(sums), bad == 0, stops > 0
             if finite:  # a NaN/inf step is skipped: the adapter keeps its last good weights
                 optimizer.step()
             scheduler.step()
@@ -310,32 +297,51 @@ def train(recipe: Recipe) -> dict:
                 log(f"step {state.step}: non-finite loss or gradient norm; step skipped")
                 if nonfinite_in_a_row >= t.max_nonfinite_steps:
                     raise _diverged(state, out)
-            epoch_f = state.pairs_seen / n_train
+            if controller and state.step % recipe.loss.kl_every == 0:
+                probe = {"kl/sampled": measure_kl(recipe, policy, tokenizer, objective, state.step)}
+                probe["beta"] = objective.beta = controller.update(probe["kl/sampled"])
+                model.train()
+            epoch_f = (state.step - start) * pairs_per_step / len(objective.train)
+            where = {"step": state.step, "epoch": epoch_f} | ({"round": round_idx + 1} if t.rounds > 1 else {})
             if state.step % t.log_every == 0 or state.step == total_steps:
                 elapsed = time.perf_counter() - window_start
-                row = {"step": state.step, "epoch": epoch_f, "split": "train"}
+                row = {**where, "split": "train"}
                 if window.pairs:  # a window of skipped steps only has no numbers to report
                     row.update(window.means(), grad_norm=grad_norm)
-                row.update(lr=scheduler.get_last_lr()[0], pairs_per_s=window.pairs / elapsed,
+                row.update(probe, lr=scheduler.get_last_lr()[0], pairs_per_s=window.pairs / elapsed,
                            tokens_per_s=window.tokens / elapsed,
                            peak_memory_gb=max_over_processes(accelerator, peak_memory_gb(device)),
                            skipped_steps=state.skipped_steps)
+                if controller:
+                    row["beta"] = objective.beta
                 metrics.write(row)
                 accelerator.log(_numeric(row), step=state.step)
-                if window.pairs:
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}",
-                                    margin=f"{row['rewards/margins']:.3f}", refresh=False)
-                window, window_start = PairStats(), time.perf_counter()
+                if window.pairs and "loss" in row:
+                    bar.set_postfix(_postfix(row), refresh=False)
+                window, window_start, probe = objective.Stats(), time.perf_counter(), {}
                 if state.step % (10 * t.log_every) == 0 and main:
                     _refresh_plots(out)
-            if t.eval_every and state.step % t.eval_every == 0 and state.step < total_steps and eval_pairs:
-                row = {"step": state.step, "epoch": epoch_f, "split": "eval",
-                       **evaluate(recipe, model, eval_pairs, ref_eval, pad_id, accelerator)}
+            round_end = state.step == ends[round_idx] and state.step < total_steps
+            periodic_eval = t.eval_every and state.step % t.eval_every == 0 and state.step < total_steps
+            if round_end or periodic_eval:
+                row = {**where, "split": "eval", **evaluation()}
                 metrics.write(row)
                 accelerator.log({f"eval/{k}": v for k, v in _numeric(row).items()}, step=state.step)
                 if main:
                     _refresh_plots(out)
+            if round_end:  # iterative DPO: the policy becomes the frozen reference of the next round
+                if main:
+                    with rundir.staged_dir(out / "rounds" / f"round-{round_idx + 1}") as tmp:
+                        save_adapter(policy, tokenizer, tmp)
+                accelerator.wait_for_everyone()
+                snapshot_reference(policy)
+                round_idx += 1
+                objective.set_train(rounds[round_idx])
+                stream = PairStream(len(objective.train), t.seed + round_idx)
+                objective.prepare(model, accelerator)
                 model.train()
+                log(f"round {round_idx + 1} of {t.rounds}: the policy of step {state.step} is the new reference "
+                    f"({out / 'rounds' / f'round-{round_idx}'})")
             periodic = t.save_every and state.step % t.save_every == 0 and not nonfinite_in_a_row
             if periodic or stopping:  # (no periodic checkpoint in a NaN streak: keep the last good one)
                 state.window = window.state()
@@ -348,18 +354,20 @@ def train(recipe: Recipe) -> dict:
         bar.close()
 
         # 7. Final evaluation, checkpoint, adapter, eval.json, plots.
-        final = {"step": state.step, "split": "eval", "pairs": len(eval_pairs), "skipped_steps": state.skipped_steps}
-        if eval_pairs:
-            row = evaluate(recipe, model, eval_pairs, ref_eval, pad_id, accelerator)
+        final = {"step": state.step, "split": "eval", f"{objective.unit}s": len(objective.eval),
+                 "skipped_steps": state.skipped_steps}
+        row = evaluation()
+        where = {"step": state.step, "epoch": (state.step - (ends[round_idx - 1] if round_idx else 0)) * pairs_per_step
+                 / len(objective.train)} | ({"round": round_idx + 1} if t.rounds > 1 else {})
+        if row:
             final.update(row)
-            metrics.write({"step": state.step, "epoch": state.pairs_seen / n_train, "split": "eval", **row})
+            metrics.write({**where, "split": "eval", **row})
             accelerator.log({f"eval/{k}": v for k, v in _numeric(row).items()}, step=state.step)
-        after = behaviour_score(recipe, policy, tokenizer, eval_pairs, adapter=True)
-        if after is not None:
-            final["behaviour"] = after
+        if controller:
+            final["beta"] = objective.beta
         final["baseline"] = state.baseline
         metrics.close()
-        state.window = PairStats().state()
+        state.window = objective.Stats().state()
         checkpoint()
     adapter = gathered_adapter(accelerator, model) if sharded else None
     if main:
@@ -371,6 +379,35 @@ def train(recipe: Recipe) -> dict:
     accelerator.wait_for_everyone()  # no process returns before the run directory is complete
     accelerator.end_training()  # (this also ends the process group)
     return final
+
+
+def measure_kl(recipe: Recipe, policy, tokenizer, objective, step: int) -> float:
+    """Sampled KL(pi || pi_ref) per token on `loss.kl_prompts` training prompts, a different window of them at
+    each measurement, sampled from a seed of the step (the same on every process)."""
+    prompts = objective.prompts("train")
+    n = min(recipe.loss.kl_prompts, len(prompts))
+    start = (step // recipe.loss.kl_every * n) % len(prompts)
+    chosen = [prompts[(start + i) % len(prompts)] for i in range(n)]
+    texts = generate(policy, tokenizer, chosen, adapter=True, max_new_tokens=recipe.eval.max_new_tokens,
+                     temperature=1.0, seed=recipe.train.seed + step)
+    return sampled_kl(policy, tokenizer, chosen, texts)
+
+
+def load_round_reference(policy, out: Path, finished_rounds: int) -> None:
+    """On resume in round k + 1: the reference is the adapter saved when round k ended."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = out / "rounds" / f"round-{finished_rounds}" / "adapter_model.safetensors"
+    if not path.is_file():
+        raise UserError(f"resume: {path} is missing: it holds the reference of round {finished_rounds + 1}")
+    set_peft_model_state_dict(policy, load_file(str(path)), adapter_name=REFERENCE)
+
+
+def _postfix(row: dict) -> dict:
+    keys = (("loss", "loss", ".4f"), ("rewards/accuracies", "acc", ".2f"), ("rewards/margins", "margin", ".3f"),
+            ("ppl", "ppl", ".2f"), ("beta", "beta", ".3g"))
+    return {short: f"{row[k]:{fmt}}" for k, short, fmt in keys if k in row}
 
 
 class _Discard:
@@ -454,6 +491,8 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 def _summary(final: dict, out: Path) -> str:
     parts = [f"done: {out}"]
     base = final.get("baseline", {})
+    if "ppl" in final:
+        parts.append(f"eval loss {base.get('loss', float('nan')):.3f} -> {final['loss']:.3f} (perplexity {final['ppl']:.2f})")
     if "rewards/accuracies" in final:
         parts.append(f"eval reward accuracy {final['rewards/accuracies']:.3f}, margin {final['rewards/margins']:.3f}")
     if "behaviour" in final:

@@ -13,7 +13,7 @@ import torch
 
 from lora_dpo.checkpoint import complete_checkpoints
 from lora_dpo.config import load_recipe
-from lora_dpo.distributed import PairStream, epoch_order, pack_stats, shards, step_micro_batches, unpack_stats
+from lora_dpo.distributed import PairStream, epoch_order, shards, step_micro_batches
 from lora_dpo.errors import ConfigError
 from lora_dpo.metrics import PairStats, read_metrics
 from lora_dpo.trainer import train
@@ -61,8 +61,8 @@ def test_pair_stats_survive_packing_for_a_reduction():
     stats.add(torch.tensor([0.5, 1.5]), torch.tensor([0.2, 0.1]), torch.tensor([0.0, 0.3]), torch.tensor([-3.0, -4.0]),
               torch.tensor([-5.0, -6.0]), kl_num=2.0, kl_den=8.0, tokens=40)
     assert set(stats.state()["sums"]) == set(PairStats.SUMMED)
-    assert unpack_stats(pack_stats(stats)).state() == stats.state()
-    twice = unpack_stats([2 * v for v in pack_stats(stats)])  # what a sum over two processes gives
+    assert PairStats.from_vector(stats.vector()).state() == stats.state()
+    twice = PairStats.from_vector([2 * v for v in stats.vector()])  # what a sum over two processes gives
     assert twice.pairs == 4 and twice.means() == stats.means()
 
 

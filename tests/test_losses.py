@@ -186,8 +186,54 @@ def test_preference_loss_unknown_name_raises_listing_valid_names():
 
 
 def test_loss_names_equal_config_literal():
+    from lora_dpo.config import REFERENCE_FREE
+
     literal = typing.get_type_hints(LossConfig)["name"]
-    assert set(typing.get_args(literal)) == set(LOSSES)
+    assert set(typing.get_args(literal)) == set(LOSSES) | REFERENCE_FREE | {"kto"}
+
+
+def test_simpo_loss_hand_values():
+    """b=2, gamma=0.5. Pair 1: avg log-probs -1 vs -1.5: sp(2 * 0.5 - 0.5) = sp(0.5) = log(1 + e^-0.5) = 0.474077.
+    Pair 2: -2 vs -1: sp(2 * -1 - 0.5) = sp(-2.5) = log(1 + e^2.5) = 2.578890."""
+    from lora_dpo.losses import simpo_loss
+
+    close(simpo_loss(t(-1.0, -2.0), t(-1.5, -1.0), beta=2.0, gamma=0.5), [0.474077, 2.578890])
+
+
+def test_log1mexp_is_accurate_near_zero_and_far_out():
+    from lora_dpo.losses import log1mexp
+
+    x = t(-1e-3, -0.5, -1.0, -50.0)
+    expected = [math.log(-math.expm1(v)) for v in (-1e-3, -0.5, -1.0)] + [-math.exp(-50.0)]
+    torch.testing.assert_close(log1mexp(x), t(*expected), rtol=1e-5, atol=0)
+    assert torch.isfinite(log1mexp(t(0.0))).all()  # a mean log-prob of 0 (p = 1) stays finite
+
+
+def test_orpo_loss_hand_value():
+    """avg log-probs a=-1 (chosen), b=-2 (rejected), lambda=0.1:
+    log(1-e^-1) = -0.458675, log(1-e^-2) = -0.145413; log odds ratio = (a-b) - (-0.458675 + 0.145413) = 1.313262;
+    sp(1.313262) = log(1 + 1/(1+e)) = log(4.718282 / 3.718282) = 0.238183; loss = NLL 1 + 0.1 * 0.238183."""
+    from lora_dpo.losses import orpo_loss
+
+    a = t(-1.0).requires_grad_()
+    close(orpo_loss(a, t(-2.0), beta=0.1), [1.0238183])
+    orpo_loss(a, t(-2.0), beta=0.1).sum().backward()
+    assert a.grad.item() < -1  # raising the chosen log-prob lowers both the NLL and the odds-ratio term
+
+
+def test_kto_loss_hand_values_and_reference_point():
+    """r = policy - reference = [2, -2]; z0 = 0.5, b = 0.1, w_D = 1, w_U = 2.
+    desirable: 1 - sigma(0.1 * (2 - 0.5)) = 1 - sigma(0.15) = 0.462570;
+    undesirable: 2 * (1 - sigma(0.1 * (0.5 + 2))) = 2 * (1 - sigma(0.25)) = 0.875647."""
+    from lora_dpo.losses import kto_loss, kto_reference_point
+
+    out = kto_loss(t(-10.0, -10.0), t(-12.0, -8.0), torch.tensor([True, False]), torch.tensor(0.5), 0.1, 1.0, 2.0)
+    close(out, [0.462570, 0.875647])
+    # z0: mean of mismatched log-ratios [1, 2] = 1.5; a negative mean ([1, -2] -> -0.5) is clamped to 0
+    assert kto_reference_point(t(-5.0, -7.0), t(-6.0, -9.0)).item() == 1.5
+    assert kto_reference_point(t(-5.0, -7.0), t(-6.0, -5.0)).item() == 0.0
+    p = t(-5.0).requires_grad_()
+    assert not kto_reference_point(p, t(-6.0)).requires_grad  # z0 carries no gradient
 
 
 def test_only_ipo_is_length_normalized_by_default():

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-import lora_dpo.trainer as trainer_module
+from lora_dpo.objectives import PreferenceObjective
 from lora_dpo.checkpoint import complete_checkpoints
 from lora_dpo.config import load_recipe
 from lora_dpo.errors import ConfigError, UserError
@@ -133,17 +133,17 @@ def test_resume_refuses_a_recipe_that_trains_differently(recipe_path, tmp_path):
 
 def _poison(monkeypatch, bad_calls):
     """Make the loss NaN on the given calls of pair_losses during training (evaluation calls are not counted)."""
-    real, calls = trainer_module.pair_losses, {"n": 0}
+    real, calls = PreferenceObjective.pair_losses, {"n": 0}
 
-    def poisoned(recipe, model, batch, ref, stats):
-        loss = real(recipe, model, batch, ref, stats)
+    def poisoned(self, model, batch, ref, stats):
+        loss = real(self, model, batch, ref, stats)
         if model.training:
             calls["n"] += 1
             if calls["n"] in bad_calls:
                 return loss * float("nan")
         return loss
 
-    monkeypatch.setattr(trainer_module, "pair_losses", poisoned)
+    monkeypatch.setattr(PreferenceObjective, "pair_losses", poisoned)
 
 
 def test_a_nan_batch_is_skipped_and_counted(recipe_path, tmp_path, monkeypatch):
@@ -171,6 +171,6 @@ def test_out_of_memory_names_the_keys_that_reduce_memory(recipe_path, monkeypatc
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(trainer_module, "pair_losses", oom)
+    monkeypatch.setattr(PreferenceObjective, "pair_losses", oom)
     with pytest.raises(UserError, match=r"out of GPU memory.*train.batch_size.*data.max_length.*gradient_checkpointing"):
         train(load_recipe(recipe_path, ["train.max_steps=2"]))

@@ -1,0 +1,243 @@
+"""Single-completion data, for SFT and KTO: one (prompt, completion) per example, with a good/bad label for KTO.
+
+| format            | columns (extra columns are ignored)                                                 |
+|-------------------|--------------------------------------------------------------------------------------|
+| prompt_completion | prompt (text or messages), completion (text or one assistant message); label for KTO |
+| messages          | messages: a conversation ending with the assistant's reply; label for KTO            |
+| alpaca            | instruction, optional input, output                                                 |
+| sharegpt          | conversations ({from, value} or {role, content}) ending with the assistant's reply   |
+| preference pairs  | any format of formats.py: SFT trains on `chosen`; KTO takes chosen as desirable and   |
+|                   | rejected as undesirable, two unpaired examples per row                              |
+
+SFT keeps only desirable examples of labelled data (a thumbs-down reply is not one to imitate); KTO needs a label
+on every example. Labels are booleans (or 0/1). Prompts and completions are tokenised exactly as preference data
+(data.py): chat template with the generation prompt, one EOS after the completion, the prompt cut from the left.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+from jinja2.exceptions import TemplateError
+
+from .config import DataConfig
+from .data import (Prompt, encode_completions, encode_prompts, eval_is_split, load_rows, load_split, render_prompt)
+from .datareport import DataReport
+from .errors import DataError
+from .formats import RowError, detect_format, normalise_row, parse_messages, parse_prompt, parse_reply
+
+SINGLE_FORMATS = ("prompt_completion", "messages", "alpaca", "sharegpt_single")
+_SHOWN_BAD_ROWS = 5
+
+
+@dataclass
+class EncodedExample:
+    index: int  # row index in the source split (a preference row gives two examples with the same index)
+    prompt: Prompt
+    prompt_ids: list[int]
+    completion_ids: list[int]  # ends with EOS unless truncated
+    desirable: bool  # the label (always True for SFT)
+
+
+def detect_single_format(columns, first_row: dict) -> str:
+    """One of SINGLE_FORMATS, or "pairs:<format>" for preference data; DataError naming the columns otherwise."""
+    cols = set(columns)
+    if {"prompt", "completion"} <= cols:
+        return "prompt_completion"
+    if "messages" in cols:
+        return "messages"
+    if {"instruction", "output"} <= cols:
+        return "alpaca"
+    if "conversations" in cols and "chosen" not in cols:
+        return "sharegpt_single"
+    try:
+        return "pairs:" + detect_format(columns, first_row)
+    except DataError:
+        raise DataError(
+            f"no known single-completion format fits the columns found: {', '.join(columns)}. Expected "
+            "prompt/completion (+ label), messages (+ label), instruction/input/output (Alpaca), conversations "
+            "(ShareGPT), or preference pairs (prompt/chosen/rejected and the other layouts of lora-dpo data)"
+        ) from None
+
+
+def _label(value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise RowError("label is missing" if value is None else f"label is {value!r}, expected true or false")
+
+
+def _last_reply(messages: list[dict], field: str) -> tuple[list[dict], str]:
+    if not messages or messages[-1]["role"] != "assistant":
+        raise RowError(f"{field} does not end with an assistant reply")
+    if len(messages) < 2:
+        raise RowError(f"{field} has a reply but no prompt")
+    return messages[:-1], messages[-1]["content"]
+
+
+def normalise_single(record: dict, fmt: str, labelled: bool, system_prompt: str | None) -> list[dict]:
+    """[{"prompt", "completion", "desirable"}] from one row: one example, or two for a preference pair under
+    KTO (`labelled`: the label decides; unlabelled SFT rows are desirable). Raises RowError."""
+    if fmt.startswith("pairs:"):
+        pair = normalise_row(record, fmt.split(":", 1)[1], system_prompt)
+        out = [{"prompt": pair["prompt"], "completion": pair["chosen"], "desirable": True}]
+        if labelled:
+            out.append({"prompt": pair["prompt"], "completion": pair["rejected"], "desirable": False})
+        return out
+    if fmt == "prompt_completion":
+        prompt = parse_prompt(record.get("prompt"), "prompt")
+        prefix = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        completion = parse_reply(record.get("completion"), "completion", prefix)
+    elif fmt == "messages":
+        prompt, completion = _last_reply(parse_messages(record.get("messages"), "messages"), "messages")
+    elif fmt == "sharegpt_single":
+        prompt, completion = _last_reply(parse_messages(record.get("conversations"), "conversations", sharegpt=True),
+                                         "conversations")
+    elif fmt == "alpaca":
+        instruction, extra, output = record.get("instruction"), record.get("input"), record.get("output")
+        if not isinstance(instruction, str) or not isinstance(output, str):
+            raise RowError("instruction and output must be text")
+        prompt = instruction + (f"\n\n{extra}" if isinstance(extra, str) and extra.strip() else "")
+        completion = output
+    else:
+        raise ValueError(f"unknown format {fmt!r}")
+    if (isinstance(prompt, str) and not prompt.strip()) or (isinstance(prompt, list) and not prompt):
+        raise RowError("prompt is empty")
+    if not completion.strip():
+        raise RowError("completion is empty")
+    desirable = _label(record.get("label")) if labelled or "label" in record else True
+    if system_prompt and not (isinstance(prompt, list) and any(m["role"] == "system" for m in prompt)):
+        user = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        prompt = [{"role": "system", "content": system_prompt}] + user
+    return [{"prompt": prompt, "completion": completion, "desirable": desirable}]
+
+
+def _encode(rows, label: str, cfg: DataConfig, tokenizer, report: DataReport, labelled: bool) -> list[EncodedExample]:
+    if len(rows) == 0:
+        raise DataError(f"{label}: no rows")
+    records = rows.to_list()
+    try:
+        fmt = detect_single_format(rows.column_names, records[0])
+    except DataError as exc:
+        raise DataError(f"{label}: {exc}") from None
+    if labelled and fmt in ("prompt_completion", "messages", "sharegpt_single", "alpaca") and "label" not in rows.column_names:
+        raise DataError(f"{label}: KTO needs a good/bad `label` column (true/false) beside the {fmt} columns, "
+                        f"or preference pairs (chosen is desirable, rejected undesirable); columns found: "
+                        f"{', '.join(rows.column_names)}")
+    report.rows_read += len(records)
+    report.formats[fmt] = report.formats.get(fmt, 0) + len(records)
+    bad, kept = [], []
+    for i, record in enumerate(records):
+        try:
+            for ex in normalise_single(record, fmt, labelled, cfg.system_prompt):
+                kept.append((i, ex, render_prompt(tokenizer, ex["prompt"])))
+        except RowError as exc:
+            bad.append((i, exc.reason))
+        except TemplateError as exc:
+            bad.append((i, f"the chat template rejected the prompt ({exc})"))
+    if bad and cfg.on_bad_rows == "error":
+        shown = "; ".join(f"row {i}: {reason}" for i, reason in bad[:_SHOWN_BAD_ROWS])
+        more = f"; and {len(bad) - _SHOWN_BAD_ROWS} more" if len(bad) > _SHOWN_BAD_ROWS else ""
+        raise DataError(f"{label}: {len(bad)} malformed row(s): {shown}{more} (set data.on_bad_rows=skip to skip them)")
+    for _, reason in bad:
+        report.malformed[reason] = report.malformed.get(reason, 0) + 1
+    if not labelled:  # SFT imitates only the replies marked good
+        dropped = sum(not ex["desirable"] for _, ex, _ in kept)
+        if dropped:
+            report.malformed["undesirable (label false): not imitated by SFT"] = dropped
+        kept = [k for k in kept if k[1]["desirable"]]
+    prompts = encode_prompts(tokenizer, [text for _, _, text in kept])
+    completions = encode_completions(tokenizer, [ex["completion"] for _, ex, _ in kept])
+    max_prompt, bos = report.max_prompt_length, tokenizer.bos_token_id
+    out = []
+    for (i, ex, _), p, c in zip(kept, prompts, completions):
+        if not p:
+            report.malformed["prompt renders to no tokens"] = report.malformed.get("prompt renders to no tokens", 0) + 1
+            continue
+        if len(p) > max_prompt:
+            head = [bos] if bos is not None and p[0] == bos and max_prompt > 1 else []
+            p = head + p[len(p) - (max_prompt - len(head)) :]
+            report.truncated_prompts += 1
+        budget = cfg.max_length - len(p)
+        if budget < 1:
+            report.dropped_for_length += 1
+            continue
+        if len(c) > budget:
+            c = c[:budget]
+            report.truncated_completions += 1
+        out.append(EncodedExample(i, ex["prompt"], p, c, bool(ex["desirable"])))
+    return out
+
+
+def build_completion_datasets(cfg: DataConfig, tokenizer, seed: int, labelled: bool):
+    """(train, eval, report) of single-completion examples; `labelled`: KTO (labels required, kept both ways).
+    The eval split follows the rules of data.build_datasets: data.eval (a split or another source), else
+    data.eval_fraction of train held out by a seeded shuffle."""
+    report = DataReport(
+        source=cfg.train, rows_read=0, formats={}, malformed={}, dropped_for_length=0, truncated_prompts=0,
+        truncated_completions=0, train_pairs=0, eval_pairs=0, max_length=cfg.max_length,
+        max_prompt_length=cfg.max_prompt_length or cfg.max_length // 2, unit="example",
+    )  # fmt: skip
+    rows = load_rows(cfg.train, cfg.train_split)
+    if cfg.max_rows is not None and cfg.max_rows < len(rows):
+        rows = rows.select(range(cfg.max_rows))
+    train = _encode(rows, cfg.train, cfg, tokenizer, report, labelled)
+    if not train:
+        raise DataError(f"{cfg.train}: no training examples left ({sum(report.malformed.values())} malformed or "
+                        f"skipped, {report.dropped_for_length} too long for max_length={cfg.max_length})")
+    evals: list[EncodedExample] = []
+    if cfg.eval is not None:
+        if eval_is_split(cfg.eval):
+            rows, label = load_rows(cfg.train, cfg.eval), f"{cfg.train} [{cfg.eval}]"
+        else:
+            rows, split = load_split(cfg.eval, ("test", "train"))
+            label = f"{cfg.eval} [{split}]"
+        report.eval_from = f"from {label}"
+        evals = _encode(rows, label, cfg, tokenizer, report, labelled)
+    elif cfg.eval_fraction > 0 and len(train) >= 2:
+        # hold out whole source rows, so a preference row's two KTO examples land on one side
+        indices = sorted({ex.index for ex in train})
+        random.Random(seed).shuffle(indices)
+        held = set(indices[: min(len(indices) - 1, max(1, round(cfg.eval_fraction * len(indices))))])
+        evals = [ex for ex in train if ex.index in held]
+        train = [ex for ex in train if ex.index not in held]
+        report.eval_from = f"{cfg.eval_fraction:g} of train held out, seed {seed}"
+    if labelled:
+        report.labels = {"desirable": sum(ex.desirable for ex in train),
+                         "undesirable": sum(not ex.desirable for ex in train)}
+        missing = [k for k, v in report.labels.items() if v == 0]
+        if missing:
+            raise DataError(f"{cfg.train}: no {missing[0]} examples among the training data; KTO needs both labels")
+    report.train_pairs, report.eval_pairs = len(train), len(evals)
+    return train, evals, report
+
+
+def collate_completions(examples: list[EncodedExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """N examples -> `input_ids` [N, T], `attention_mask` [N, T], `loss_mask` [N, T] (True at completion
+    tokens), `desirable` [N] bool; right-padded with `pad_id`."""
+    width = max((len(e.prompt_ids) + len(e.completion_ids) for e in examples), default=0)
+    ids, attention, loss = [], [], []
+    for e in examples:
+        n, pad = len(e.prompt_ids) + len(e.completion_ids), width - len(e.prompt_ids) - len(e.completion_ids)
+        ids.append(e.prompt_ids + e.completion_ids + [pad_id] * pad)
+        attention.append([1] * n + [0] * pad)
+        loss.append([False] * len(e.prompt_ids) + [True] * len(e.completion_ids) + [False] * pad)
+    return {
+        "input_ids": torch.tensor(ids, dtype=torch.long).reshape(len(examples), width),
+        "attention_mask": torch.tensor(attention, dtype=torch.long).reshape(len(examples), width),
+        "loss_mask": torch.tensor(loss, dtype=torch.bool).reshape(len(examples), width),
+        "desirable": torch.tensor([e.desirable for e in examples], dtype=torch.bool),
+    }
+
+
+def mismatched(examples: list[EncodedExample], max_length: int) -> list[EncodedExample]:
+    """KTO's KL examples: each prompt with the next example's completion (a rotation by one), a completion the
+    policy has no reason to prefer for that prompt; cut to fit max_length."""
+    shifted = examples[1:] + examples[:1]
+    return [EncodedExample(e.index, e.prompt, e.prompt_ids, s.completion_ids[: max(1, max_length - len(e.prompt_ids))],
+                           e.desirable) for e, s in zip(examples, shifted)]

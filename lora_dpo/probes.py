@@ -1,0 +1,106 @@
+"""What the model does when it speaks: sampled completions and the figures measured on them.
+
+Log-prob metrics on the dataset say how the policy rates given replies; they cannot show a policy that has
+collapsed onto a few phrasings, or how far its own samples have moved from the reference. So at evaluation
+(and every `loss.kl_every` steps under adaptive beta) the trainer samples completions from the policy and measures:
+
+- `behaviour`: the mean of the recipe's scorer (`eval.scorer`), when it has one;
+- `diversity/distinct_1`, `diversity/distinct_2`: distinct token n-grams / all token n-grams over the samples
+  (Li et al. 2016); a collapse shows as a fall against the reference's figure;
+- `kl/sampled`: mean over sampled tokens of log pi(y_t) - log pi_ref(y_t), y ~ pi: an unbiased estimate of
+  KL(pi || pi_ref) per token (the k1 estimator), unlike `kl`, which averages the log-ratio over the dataset's
+  replies rather than the policy's own;
+- `length`: mean completion tokens (length exploitation shows here first).
+
+`AdaptiveBeta` raises beta so that `kl/sampled` levels off at `loss.target_kl` instead of growing past it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .completions import EncodedExample, collate_completions
+from .data import encode_completion, encode_prompt
+from .generate import generate
+from .logps import sequence_logps
+from .model import reference_model
+
+
+def distinct_n(sequences: list[list[int]], n: int) -> float:
+    """Distinct n-grams / all n-grams over token sequences (0.0 when there are none)."""
+    grams = [tuple(seq[i : i + n]) for seq in sequences for i in range(len(seq) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+@torch.no_grad()
+def sampled_kl(model, tokenizer, prompts: list, texts: list[str], batch_size: int = 16) -> float:
+    """Mean per-token log pi(y) - log pi_ref(y) over the completions `texts` sampled from pi (re-tokenised as
+    training tokenises them); `model` is the peft model with its policy adapter active."""
+    device = next(model.parameters()).device
+    num = den = 0.0
+    examples = [EncodedExample(i, p, encode_prompt(tokenizer, p), encode_completion(tokenizer, t), True)
+                for i, (p, t) in enumerate(zip(prompts, texts))]
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(examples), batch_size):
+            b = {k: v.to(device) for k, v in collate_completions(examples[start : start + batch_size],
+                                                                  tokenizer.pad_token_id).items()}
+            policy = sequence_logps(model, b["input_ids"], b["attention_mask"], b["loss_mask"])
+            with reference_model(model):
+                ref = sequence_logps(model, b["input_ids"], b["attention_mask"], b["loss_mask"])
+            num += float((policy.sums - ref.sums).sum())
+            den += float(policy.counts.sum())
+    finally:
+        model.train(was_training)
+    return num / den if den else 0.0
+
+
+def sample_metrics(model, tokenizer, prompts: list, *, adapter: bool, max_new_tokens: int, temperature: float,
+                   seed: int, scorer=None, with_kl: bool = True) -> dict:
+    """Sample one completion per prompt from the policy (`adapter`) or the reference, and measure them (see
+    the module docstring). The same seed gives the reference and the policy the same random stream."""
+    texts = generate(model, tokenizer, prompts, adapter=adapter, max_new_tokens=max_new_tokens,
+                     temperature=temperature, seed=seed)
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    out = {"diversity/distinct_1": distinct_n(ids, 1), "diversity/distinct_2": distinct_n(ids, 2),
+           "length": sum(map(len, ids)) / max(len(ids), 1)}
+    if scorer is not None:
+        out["behaviour"] = sum(float(scorer(t)) for t in texts) / max(len(texts), 1)
+    if adapter and with_kl:
+        out["kl/sampled"] = sampled_kl(model, tokenizer, prompts, texts)
+    return out
+
+
+@dataclass
+class AdaptiveBeta:
+    """Adaptive KL control for DPO: beta rises while the sampled KL is above its target and relaxes back while
+    it is below, never under the recipe's beta (after the adaptive KL coefficient of Ziegler et al. 2019).
+
+    Why a ceiling and not a two-sided controller: a larger beta saturates the DPO loss sooner (the sigmoid
+    flattens once beta * h is large), so the policy stops pulling away from the reference; a smaller one does
+    not make it move faster, because Adam normalises the gradient's scale. And before the policy has moved,
+    the KL is 0 whatever beta is, so a controller free to lower beta would cut it before training begins and
+    find it too low once the KL rises (measured on the toy world: the KL overshot the target 4x). Each
+    measurement updates
+
+        beta <- clamp(beta * exp(rate * clip(KL / target - 1, -0.5, 1)), floor, max_beta)
+
+    so beta grows by up to e^rate per measurement while the KL is above target."""
+
+    beta: float
+    target: float
+    rate: float = 1.0
+    max_beta: float = 100.0
+    floor: float = 0.0  # the recipe's beta (set in __post_init__ from beta when 0)
+
+    def __post_init__(self):
+        self.floor = self.floor or self.beta
+
+    def update(self, measured_kl: float) -> float:
+        err = max(-0.5, min(1.0, measured_kl / self.target - 1))
+        self.beta = max(self.floor, min(self.max_beta, self.beta * math.exp(self.rate * err)))
+        return self.beta
