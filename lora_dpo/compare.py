@@ -91,10 +91,17 @@ class Comparer:
         model_cfg = _model_config(srcs[0])
         log(f"loading {srcs[0].base_name} ({model_cfg.quantization}) on {dev} with {len(srcs)} adapter(s)")
         model = load_base_model(model_cfg, dev)
+        start = ((srcs[0].recipe or {}).get("model") or {}).get("adapter") if len(srcs) == 1 else None
         try:
             model = PeftModel.from_pretrained(model, str(srcs[0].adapter_dir), adapter_name=labels[0])
             if len(srcs) == 2:
                 model.load_adapter(str(srcs[1].adapter_dir), adapter_name=labels[1])
+            if start:  # the run started from an adapter (an SFT run's): that adapter is its reference
+                from .model import resolve_adapter
+
+                model.load_adapter(str(resolve_adapter(start)), adapter_name=REFERENCE)
+                model.set_adapter(labels[0])
+                log(f"reference: the run's start adapter {start}")
         except (OSError, ValueError, RuntimeError) as exc:
             raise UserError(f"cannot attach the adapter to {srcs[0].base_name}: {first_line(exc)}") from None
         model.eval()
@@ -119,7 +126,7 @@ class Comparer:
                         top_p=sampling.top_p, seed=sampling.seed, batch_size=batch_size)
         answers: dict[str, list[str]] = {}
         for pane in self.panes:
-            if pane == REFERENCE:  # the adapter really off: pi_ref as in training
+            if pane == REFERENCE:  # pi_ref as in training: the adapter off, or the run's start adapter
                 answers[pane] = generate(self.model, self.tokenizer, prompts, adapter=False, **settings)
             else:
                 self.model.set_adapter(pane)

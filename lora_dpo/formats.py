@@ -70,8 +70,8 @@ def detect_format(columns, first_row: dict) -> str:
     if "label" in cols and ({"prompt", "completion"} <= cols or "messages" in cols):
         raise DataError(
             f"columns found: {found}. This is unpaired (KTO) feedback: one completion per row with a good/bad "
-            f"label. DPO cannot train on it: it needs a chosen and a rejected reply to the same prompt "
-            f"(expected columns: {EXPECTED_COLUMNS})"
+            f"label. DPO needs a chosen and a rejected reply to the same prompt (expected columns: "
+            f"{EXPECTED_COLUMNS}); KTO trains on unpaired labels: set loss.name=kto (see recipes/toy-kto.yaml)"
         )
     raise DataError(f"no known preference format fits the columns found: {found}. Expected columns: {EXPECTED_COLUMNS}")
 

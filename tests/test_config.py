@@ -63,7 +63,7 @@ def test_unknown_key_suggests_nearest_valid_key(recipe_file):
         ("train.batch_size=two", r"train.batch_size: expected an integer, got 'two'"),
         ("train.batch_size=2.5", r"train.batch_size: expected an integer, got 2.5"),
         ("model.gradient_checkpointing=maybe", r"model.gradient_checkpointing: expected true or false"),
-        ("loss.name=dpoo", r"loss.name: expected one of 'dpo', 'ipo', 'hinge', 'robust', got 'dpoo'"),
+        ("loss.name=dpoo", r"loss.name: expected one of 'dpo', 'ipo', 'hinge', 'robust', 'simpo', 'orpo', 'kto', got 'dpoo'"),
         ("data.on_bad_rows=ignore", r"data.on_bad_rows: expected one of 'error', 'skip'"),
         ("train.warmup_ratio=1", r"train.warmup_ratio: must be in \[0, 1\)"),
     ],

@@ -239,7 +239,7 @@ def test_unpaired_kto_feedback_is_refused_with_its_columns(tmp_path, rows):
     with pytest.raises(DataError) as err:
         build_datasets(config(path), None, seed=0)
     message = str(err.value)
-    assert "unpaired (KTO) feedback" in message
+    assert "unpaired (KTO) feedback" in message and "loss.name=kto" in message
     assert ", ".join(rows[0]) in message  # the columns found
     assert str(path) in message
 

@@ -101,6 +101,18 @@ def test_dpo_from_sft_adapter_uses_it_as_the_reference_not_the_base(sft_run, tmp
     saved = sorted(p.name for p in (out / "adapter").iterdir())
     assert "reference" not in saved and "adapter_model.safetensors" in saved
 
+    # lora-dpo compare on this run puts the SFT model, its reference, in the reference pane
+    from lora_dpo.compare import Comparer, Sampling
+    from lora_dpo.generate import generate
+
+    comparer = Comparer.load([str(out)], device="cpu", log=lambda msg: None)
+    prompts = ["write a review of the night train ."]
+    row = comparer.compare(prompts, Sampling(temperature=1.0, max_new_tokens=40, seed=3))[0]
+    base = model_module.load_base_model(load_recipe(out / "config.yaml").model, torch.device("cpu"))  # 4-bit, as trained
+    sft = PeftModel.from_pretrained(base, str(sft_out / "adapter"))
+    tok = AutoTokenizer.from_pretrained(toy_model_path())
+    assert row.answers["reference"] == generate(sft, tok, prompts, max_new_tokens=40, temperature=1.0, seed=3)[0]
+
 
 def test_reference_log_probs_are_those_of_the_start_adapter(tiny_qwen2, strong_adapter, tmp_path):
     """With model.adapter set, the reference table equals plain peft's log-probs with that adapter, and
