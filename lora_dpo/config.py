@@ -79,6 +79,8 @@ class TrainConfig:
     optimizer: Literal["adamw", "paged_adamw_8bit"] = "adamw"  # paged 8-bit AdamW needs a CUDA GPU
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # autocast; auto follows model.dtype on GPU, no on CPU
     precompute_reference: bool = True  # one reference pass before training instead of one per step
+    # -- speed and memory (issue #6; refcache.py) --
+    reference_cache: Optional[str] = "auto"  # folder of cached reference log-probs, reused across runs and resumes; auto: $LORA_DPO_CACHE/reference_logps; null: off
     log_every: int = 1  # optimizer steps between metrics.jsonl rows
     eval_every: Optional[int] = None  # optimizer steps between evaluations; None: only at the end
     seed: int = 42  # seeds python, numpy and torch; CPU runs are deterministic for a given seed

@@ -35,6 +35,7 @@ from .logps import SequenceLogps
 from .losses import LENGTH_NORMALIZED_BY_DEFAULT, chosen_nll, preference_loss
 from .metrics import MetricsLog, PairStats, peak_memory_gb
 from .model import load_policy, load_tokenizer, reference_model, save_adapter, trainable_parameters
+from .refcache import ReferenceCache
 from .stopping import Interrupted, StopRequest
 
 
@@ -250,10 +251,14 @@ def train(recipe: Recipe) -> dict:
     with _out_of_memory_advice(), StopRequest() as stop:
         # 5. Reference log-probs, once; and the baseline: before training the policy *is* the reference
         #    (LoRA's B starts at zero), so its eval metrics are those of the reference model.
+        #    The tables come from the on-disk cache when their fingerprint matches (refcache.py).
+        ref_cache = ReferenceCache.for_run(recipe, tokenizer, policy, device, accelerator)
         ref_train = None
         if t.precompute_reference:
-            ref_train = reference_logps(model, train_pairs, recipe.eval.batch_size, pad_id, accelerator)
-        ref_eval = reference_logps(model, eval_pairs, recipe.eval.batch_size, pad_id, accelerator)
+            ref_train = ref_cache.table(
+                train_pairs, lambda: reference_logps(model, train_pairs, recipe.eval.batch_size, pad_id, accelerator))
+        ref_eval = ref_cache.table(
+            eval_pairs, lambda: reference_logps(model, eval_pairs, recipe.eval.batch_size, pad_id, accelerator))
         if resume_from is None:
             state.baseline = evaluate(recipe, model, eval_pairs, ref_eval, pad_id, accelerator) if eval_pairs else {}
             before = behaviour_score(recipe, policy, tokenizer, eval_pairs, adapter=False)
@@ -386,7 +391,8 @@ class _Discard:
 # Keys a resumed run may change: how long it trains and what it records, not what it computes.
 # The split of the global batch into batch_size x grad_accum x processes may change too: it is checked on its own.
 RESUMABLE_CHANGES = {"resume", "overwrite", "train.epochs", "train.max_steps", "train.eval_every", "train.save_every",
-                     "train.keep_last", "train.log_every", "train.report_to", "train.batch_size", "train.grad_accum"}
+                     "train.keep_last", "train.log_every", "train.report_to", "train.batch_size", "train.grad_accum",
+                     "train.reference_cache"}
 
 
 def _check_same_recipe(recipe: Recipe, saved_path: Path) -> None:
