@@ -81,6 +81,7 @@ class TrainConfig:
     precompute_reference: bool = True  # one reference pass before training instead of one per step
     # -- speed and memory (issue #6; refcache.py) --
     reference_cache: Optional[str] = "auto"  # folder of cached reference log-probs, reused across runs and resumes; auto: $LORA_DPO_CACHE/reference_logps; null: off
+    shared_prompt: bool = False  # one row per pair, [prompt | chosen | rejected] with a 4D mask: the prompt is encoded once (needs sdpa or eager attention)
     log_every: int = 1  # optimizer steps between metrics.jsonl rows
     eval_every: Optional[int] = None  # optimizer steps between evaluations; None: only at the end
     seed: int = 42  # seeds python, numpy and torch; CPU runs are deterministic for a given seed

@@ -36,6 +36,7 @@ from .losses import LENGTH_NORMALIZED_BY_DEFAULT, chosen_nll, preference_loss
 from .metrics import MetricsLog, PairStats, peak_memory_gb
 from .model import load_policy, load_tokenizer, reference_model, save_adapter, trainable_parameters
 from .refcache import ReferenceCache
+from .shared_prompt import check_attention, collate_for, forward_inputs
 from .stopping import Interrupted, StopRequest
 
 
@@ -45,7 +46,8 @@ def log(msg: str) -> None:
 
 
 @torch.no_grad()
-def reference_logps(model, pairs: list[EncodedPair], batch_size: int, pad_id: int, accelerator) -> torch.Tensor:
+def reference_logps(model, pairs: list[EncodedPair], batch_size: int, pad_id: int, accelerator,
+                    collate_fn=collate) -> torch.Tensor:
     """[len(pairs), 2] summed log pi_ref of (chosen, rejected), computed once with the adapter disabled.
 
     The reference never changes during offline DPO, so this one pass replaces a reference forward in every
@@ -54,9 +56,9 @@ def reference_logps(model, pairs: list[EncodedPair], batch_size: int, pad_id: in
     out = torch.zeros(len(pairs), 2)
     model.eval()
     for idx, ghost in shards(len(pairs), batch_size, accelerator.process_index, accelerator.num_processes):
-        b = _to(collate([pairs[i] for i in idx], pad_id), accelerator.device)
+        b = _to(collate_fn([pairs[i] for i in idx], pad_id), accelerator.device)
         with reference_model(policy_of(model)):
-            sums, _ = model(b["input_ids"], b["attention_mask"], b["loss_mask"])
+            sums, _ = model(**forward_inputs(b))
         if not ghost:
             out[idx[0] : idx[-1] + 1] = sums.view(2, -1).T.cpu()
     if accelerator.num_processes > 1:
@@ -72,10 +74,10 @@ def pair_losses(recipe: Recipe, model, batch: dict, ref_sums: torch.Tensor | Non
     """Loss of one batch of pairs: one concatenated forward of [chosen; rejected] through `model` (a prepared
     `PolicyLogps`), the reference from the precomputed table or a no-grad adapter-off pass. Adds the batch's
     metrics to `stats`; returns the mean loss."""
-    policy = SequenceLogps(*model(batch["input_ids"], batch["attention_mask"], batch["loss_mask"]))
+    policy = SequenceLogps(*model(**forward_inputs(batch)))
     if ref_sums is None:
         with reference_model(policy_of(model)):
-            ref, _ = model(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+            ref, _ = model(**forward_inputs(batch))
     else:
         ref = ref_sums.T.reshape(-1).to(policy.sums.device)  # [B, 2] -> [chosen..., rejected...]
     norm = recipe.loss.length_normalize
@@ -104,7 +106,7 @@ def evaluate(recipe: Recipe, model, pairs: list[EncodedPair], ref: torch.Tensor,
     model.eval()
     stats = PairStats()
     for idx, ghost in shards(len(pairs), recipe.eval.batch_size, accelerator.process_index, accelerator.num_processes):
-        batch = _to(collate([pairs[i] for i in idx], pad_id), accelerator.device)
+        batch = _to(collate_for(recipe.train.shared_prompt)([pairs[i] for i in idx], pad_id), accelerator.device)
         pair_losses(recipe, model, batch, ref[idx], PairStats() if ghost else stats)
     return reduce_stats(accelerator, stats).means()
 
@@ -193,6 +195,9 @@ def train(recipe: Recipe) -> dict:
     if t.optimizer == "paged_adamw_8bit":
         make_optimizer(recipe, [])  # fail now, not after the model has loaded
     policy = load_policy(recipe.model, recipe.lora, device, sharded)
+    if t.shared_prompt:
+        check_attention(policy)  # the shared-prompt layout needs an attention that takes a 4D mask
+    collate_fn = collate_for(t.shared_prompt)  # plain [prompt+chosen; prompt+rejected] or shared-prompt rows
 
     # 3. Schedule: optimizer steps from epochs (or max_steps); warmup then decay. Each step averages exactly
     #    `pairs_per_step` pairs of the data stream (distributed.py), so the step count is the same for any
@@ -256,9 +261,9 @@ def train(recipe: Recipe) -> dict:
         ref_train = None
         if t.precompute_reference:
             ref_train = ref_cache.table(
-                train_pairs, lambda: reference_logps(model, train_pairs, recipe.eval.batch_size, pad_id, accelerator))
+                train_pairs, lambda: reference_logps(model, train_pairs, recipe.eval.batch_size, pad_id, accelerator, collate_fn))
         ref_eval = ref_cache.table(
-            eval_pairs, lambda: reference_logps(model, eval_pairs, recipe.eval.batch_size, pad_id, accelerator))
+            eval_pairs, lambda: reference_logps(model, eval_pairs, recipe.eval.batch_size, pad_id, accelerator, collate_fn))
         if resume_from is None:
             state.baseline = evaluate(recipe, model, eval_pairs, ref_eval, pad_id, accelerator) if eval_pairs else {}
             before = behaviour_score(recipe, policy, tokenizer, eval_pairs, adapter=False)
@@ -282,7 +287,7 @@ def train(recipe: Recipe) -> dict:
         while state.step < total_steps:
             step_stats, finite = PairStats(), True
             for positions in step_micro_batches(stream, state.pairs_seen, t.batch_size, t.grad_accum, rank, world):
-                batch = _to(collate([train_pairs[i] for i in positions], pad_id), device)
+                batch = _to(collate_fn([train_pairs[i] for i in positions], pad_id), device)
                 ref = ref_train[positions] if ref_train is not None else None
                 with accelerator.accumulate(model):
                     loss = pair_losses(recipe, model, batch, ref, step_stats)
