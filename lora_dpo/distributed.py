@@ -86,11 +86,15 @@ class PairStream:
         while count > 0:
             epoch, offset = divmod(start, self.n)
             if epoch != self._epoch:
-                self._epoch, self._order = epoch, epoch_order(self.n, self.seed, epoch)
+                self._epoch, self._order = epoch, self.order(epoch)
             chunk = self._order[offset : offset + count]
             out += chunk
             start, count = start + len(chunk), count - len(chunk)
         return out
+
+    def order(self, epoch: int) -> list[int]:
+        """The epoch's order of positions (a subclass may regroup it: grouping.py)."""
+        return epoch_order(self.n, self.seed, epoch)
 
 
 def step_micro_batches(stream: PairStream, start: int, batch_size: int, grad_accum: int, rank: int, world: int):
