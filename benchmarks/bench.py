@@ -76,10 +76,16 @@ SEED = 42
 LORA = dict(r=16, alpha=32, dropout=0.0)  # on every linear layer but the output head
 LR = 5e-5
 
-# lora-dpo variants: recipe overrides on top of the common recipe (one lever on or off at a time)
+# lora-dpo variants: recipe overrides on top of the common recipe (one lever on or off at a time). The common
+# recipe turns the on-disk reference cache off, so that "+ref" always pays for computing the reference.
 LORA_DPO_VARIANTS = {
-    "lora-dpo": [],
+    "lora-dpo": [],  # the defaults: reference pre-pass, chunked log-probs, plain [prompt+chosen; prompt+rejected]
+    "shared": ["train.shared_prompt=true"],
+    "grouped": ["train.group_by_length=true"],
+    "shared+grouped": ["train.shared_prompt=true", "train.group_by_length=true"],
+    "offload": ["train.activation_offload=true"],  # moves saved activations to the CPU: a GPU lever
 }
+DEFAULT_VARIANTS = ("lora-dpo", "shared+grouped")  # the plain defaults and the kept levers; --levers runs all
 
 
 def build_tokenizer(vocab_size: int):
@@ -174,7 +180,8 @@ def run_lora_dpo(job: dict) -> dict:
                  "max_prompt_length": w["prompt"][1]},
         "loss": {"name": "dpo", "beta": 0.1},
         "train": {"epochs": 1, "batch_size": w["batch"], "grad_accum": 1, "lr": LR, "warmup_ratio": 0.0,
-                  "scheduler": "constant", "seed": SEED, "log_every": steps, "save_every": None, "keep_last": 1},
+                  "scheduler": "constant", "seed": SEED, "log_every": steps, "save_every": None, "keep_last": 1,
+                  "reference_cache": None},
         "eval": {"scorer": None, "num_prompts": 0},
     }
     recipe = load_recipe(None, job["overrides"], base=base)
@@ -302,6 +309,9 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="*", help="contestants to run (default: all); e.g. lora-dpo trl")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE]",
                     help="an extra lora-dpo variant with recipe overrides, e.g. 'grouped=train.group_by_length=true'")
+    ap.add_argument("--levers", action="store_true", help="run every lora-dpo variant (each lever on its own)")
+    ap.add_argument("--threads", type=int, help="torch/OpenMP threads per contestant (default: torch's default); "
+                    "1 gives steadier figures on a busy machine")
     ap.add_argument("--repeats", type=int, default=1, help="runs per contestant; the fastest is reported")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "lora-dpo-bench"))
     ap.add_argument("--json", help="also write the results to this file")
@@ -316,7 +326,7 @@ def main(argv=None) -> int:
     model_dir = build_model_folder(w["model"], work / "models" / w["model"])
     data = build_data(w, ARCHS[w["model"]]["vocab_size"], work / f"data-{args.workload}.jsonl")
     n_pairs, n_tokens = data_tokens(data)
-    variants = dict(LORA_DPO_VARIANTS)
+    variants = {k: v for k, v in LORA_DPO_VARIANTS.items() if args.levers or k in DEFAULT_VARIANTS}
     for spec in args.variant:
         name, _, overrides = spec.partition("=")
         variants[name] = [o for o in overrides.split(",") if o]
@@ -338,6 +348,8 @@ def main(argv=None) -> int:
                 # a fresh datasets cache per run: TRL caches precomputed reference log-probs there
                 env = {**os.environ, "HF_DATASETS_CACHE": str(Path(tmp) / "hf-datasets"), "TQDM_DISABLE": "1",
                        "HF_HUB_OFFLINE": "1"}
+                if args.threads:
+                    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
                 t0 = time.perf_counter()
                 proc = subprocess.run([sys.executable, __file__, "--_job", str(Path(tmp) / "job.json")], env=env,
                                       capture_output=True, text=True)

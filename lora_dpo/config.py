@@ -82,6 +82,8 @@ class TrainConfig:
     # -- speed and memory (issue #6; refcache.py) --
     reference_cache: Optional[str] = "auto"  # folder of cached reference log-probs, reused across runs and resumes; auto: $LORA_DPO_CACHE/reference_logps; null: off
     shared_prompt: bool = False  # one row per pair, [prompt | chosen | rejected] with a 4D mask: the prompt is encoded once (needs sdpa or eager attention)
+    group_by_length: bool = False  # steps of similar-length pairs (still exactly the global batch each): less padding (grouping.py)
+    activation_offload: bool = False  # keep the activations saved for backward in CPU memory: less GPU memory, more PCIe traffic (offload.py)
     log_every: int = 1  # optimizer steps between metrics.jsonl rows
     eval_every: Optional[int] = None  # optimizer steps between evaluations; None: only at the end
     seed: int = 42  # seeds python, numpy and torch; CPU runs are deterministic for a given seed

@@ -37,6 +37,8 @@ from .metrics import MetricsLog, PairStats, peak_memory_gb
 from .model import load_policy, load_tokenizer, reference_model, save_adapter, trainable_parameters
 from .refcache import ReferenceCache
 from .shared_prompt import check_attention, collate_for, forward_inputs
+from .grouping import training_stream
+from .offload import activation_offload
 from .stopping import Interrupted, StopRequest
 
 
@@ -280,7 +282,7 @@ def train(recipe: Recipe) -> dict:
             f"({t.batch_size} x {t.grad_accum} x {world} process(es)), on {device}")
         bar = tqdm(total=total_steps, initial=state.step, desc="dpo", dynamic_ncols=True, file=sys.stderr,
                    disable=not main)
-        stream = PairStream(n_train, t.seed)
+        stream = training_stream(train_pairs, t.seed, pairs_per_step, t.group_by_length, t.shared_prompt)
         window, nonfinite_in_a_row = PairStats.from_state(state.window), 0
         window_start = time.perf_counter()
         model.train()
@@ -290,7 +292,8 @@ def train(recipe: Recipe) -> dict:
                 batch = _to(collate_fn([train_pairs[i] for i in positions], pad_id), device)
                 ref = ref_train[positions] if ref_train is not None else None
                 with accelerator.accumulate(model):
-                    loss = pair_losses(recipe, model, batch, ref, step_stats)
+                    with activation_offload(t.activation_offload, device):  # saved activations wait on the CPU
+                        loss = pair_losses(recipe, model, batch, ref, step_stats)
                     finite = finite and bool(torch.isfinite(loss))
                     accelerator.backward(loss)
             # The last micro-batch synchronised the gradients: each is now the mean over the step's pairs.
@@ -397,7 +400,7 @@ class _Discard:
 # The split of the global batch into batch_size x grad_accum x processes may change too: it is checked on its own.
 RESUMABLE_CHANGES = {"resume", "overwrite", "train.epochs", "train.max_steps", "train.eval_every", "train.save_every",
                      "train.keep_last", "train.log_every", "train.report_to", "train.batch_size", "train.grad_accum",
-                     "train.reference_cache"}
+                     "train.reference_cache", "train.activation_offload"}
 
 
 def _check_same_recipe(recipe: Recipe, saved_path: Path) -> None:
