@@ -119,8 +119,13 @@ def build_model_folder(name: str, folder: Path) -> Path:
     # large models: built in bf16 (on the GPU when there is one, which initialises them in seconds)
     device = "cuda" if big and torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if big else torch.float32
-    with torch.device(device):
-        model = model_cls(cfg).to(dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in its dtype: an 8B model in fp32 would need 32 GB first
+    try:
+        with torch.device(device):
+            model = model_cls(cfg)
+    finally:
+        torch.set_default_dtype(default)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)

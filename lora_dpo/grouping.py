@@ -53,3 +53,16 @@ def training_stream(pairs, seed: int, pairs_per_step: int, group_by_length: bool
     if not group_by_length:
         return PairStream(len(pairs), seed)
     return LengthGroupedStream([row_length(p, shared_prompt) for p in pairs], seed, pairs_per_step)
+
+
+def in_length_order(compute, pairs, shared_prompt: bool):
+    """`compute(pairs)` -> [n, ...] run on the pairs sorted by length (batches of similar lengths: less padding),
+    rows returned in the order of `pairs`. For passes whose rows do not interact (the reference pass): the
+    values are those of any other order, within float rounding."""
+    import torch
+
+    order = sorted(range(len(pairs)), key=lambda i: row_length(pairs[i], shared_prompt))
+    table = compute([pairs[i] for i in order])
+    out = torch.empty_like(table)
+    out[torch.tensor(order, dtype=torch.long)] = table
+    return out

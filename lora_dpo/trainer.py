@@ -37,7 +37,7 @@ from .metrics import MetricsLog, PairStats, peak_memory_gb
 from .model import load_policy, load_tokenizer, reference_model, save_adapter, trainable_parameters
 from .refcache import ReferenceCache
 from .shared_prompt import check_attention, collate_for, forward_inputs
-from .grouping import training_stream
+from .grouping import in_length_order, training_stream
 from .offload import activation_offload
 from .stopping import Interrupted, StopRequest
 
@@ -262,10 +262,12 @@ def train(recipe: Recipe) -> dict:
         ref_cache = ReferenceCache.for_run(recipe, tokenizer, policy, device, accelerator)
         ref_train = None
         if t.precompute_reference:
-            ref_train = ref_cache.table(
-                train_pairs, lambda: reference_logps(model, train_pairs, recipe.eval.batch_size, pad_id, accelerator, collate_fn))
-        ref_eval = ref_cache.table(
-            eval_pairs, lambda: reference_logps(model, eval_pairs, recipe.eval.batch_size, pad_id, accelerator, collate_fn))
+            ref_train = ref_cache.table(train_pairs, lambda: in_length_order(
+                lambda ps: reference_logps(model, ps, recipe.eval.batch_size, pad_id, accelerator, collate_fn),
+                train_pairs, t.shared_prompt))
+        ref_eval = ref_cache.table(eval_pairs, lambda: in_length_order(
+            lambda ps: reference_logps(model, ps, recipe.eval.batch_size, pad_id, accelerator, collate_fn),
+            eval_pairs, t.shared_prompt))
         if resume_from is None:
             state.baseline = evaluate(recipe, model, eval_pairs, ref_eval, pad_id, accelerator) if eval_pairs else {}
             before = behaviour_score(recipe, policy, tokenizer, eval_pairs, adapter=False)

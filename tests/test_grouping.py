@@ -55,3 +55,22 @@ def test_row_length_is_the_width_a_pair_takes_in_its_layout():
 
     pair = EncodedPair(index=0, prompt="", prompt_ids=[1] * 5, chosen_ids=[2] * 3, rejected_ids=[3] * 7)
     assert row_length(pair, shared_prompt=False) == 12 and row_length(pair, shared_prompt=True) == 15
+
+
+def test_in_length_order_computes_on_sorted_pairs_and_returns_rows_in_the_original_order():
+    import torch
+
+    from lora_dpo.data import EncodedPair
+    from lora_dpo.grouping import in_length_order
+
+    pairs = [EncodedPair(index=i, prompt="", prompt_ids=[1] * n, chosen_ids=[2], rejected_ids=[3])
+             for i, n in enumerate([5, 2, 9, 1])]
+    seen = []
+
+    def compute(ps):
+        seen.extend(len(p.prompt_ids) for p in ps)
+        return torch.tensor([[float(p.index), -float(p.index)] for p in ps])
+
+    out = in_length_order(compute, pairs, shared_prompt=False)
+    assert seen == [1, 2, 5, 9]
+    assert out[:, 0].tolist() == [0.0, 1.0, 2.0, 3.0]
