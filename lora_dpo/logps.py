@@ -16,9 +16,10 @@ from torch.utils.checkpoint import checkpoint
 
 # The largest transient this module makes is one chunk of float32 logits, [chunk, vocab]. Sizing the chunk from a
 # byte budget rather than a token count keeps that transient (and the peak) the same whatever the vocabulary:
-# 256 MiB is ~520 tokens of a 128k vocabulary, ~8400 of an 8k one. Chunks that large keep the head's matmuls big
-# enough to run at full speed.
-LOGITS_BUDGET_BYTES = 256 * 2**20
+# 64 MiB is ~130 tokens of a 128k vocabulary, ~2100 of an 8k one; a [130, 4096] x [4096, 128k] matmul is still
+# large enough to keep a GPU busy. With the exp() temporary and the gradient, a chunk costs ~3.5x its budget
+# at its peak (plan.py): 0.22 GiB, against 0.9 GiB at 256 MiB, on an 8 GB GPU where every GiB counts.
+LOGITS_BUDGET_BYTES = 64 * 2**20
 
 
 def chunk_tokens_for(vocab_size: int, budget_bytes: int = LOGITS_BUDGET_BYTES) -> int:
