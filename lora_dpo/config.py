@@ -79,7 +79,7 @@ class TrainConfig:
     optimizer: Literal["adamw", "paged_adamw_8bit"] = "adamw"  # paged 8-bit AdamW needs a CUDA GPU
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # autocast; auto follows model.dtype on GPU, no on CPU
     precompute_reference: bool = True  # one reference pass before training instead of one per step
-    # -- speed and memory (issue #6; refcache.py) --
+    # -- speed and memory (issue #6): refcache.py, shared_prompt.py, grouping.py, offload.py --
     reference_cache: Optional[str] = "auto"  # folder of cached reference log-probs, reused across runs and resumes; auto: $LORA_DPO_CACHE/reference_logps; null: off
     shared_prompt: bool = False  # one row per pair, [prompt | chosen | rejected] with a 4D mask: the prompt is encoded once (needs sdpa or eager attention)
     group_by_length: bool = False  # steps of similar-length pairs (still exactly the global batch each): less padding (grouping.py)
@@ -305,6 +305,11 @@ def _check_across_keys(recipe: Recipe) -> None:
         raise ConfigError(
             f"model.quant_storage: a floating storage dtype must equal model.dtype ({m.dtype}), got {m.quant_storage}: "
             "FSDP shards the 4-bit weights together with the other parameters, which are in the compute dtype"
+        )
+    if recipe.train.shared_prompt and m.attn_implementation and "flash" in m.attn_implementation:
+        raise ConfigError(  # (shared_prompt.py) flash attention takes no custom 4D mask
+            f"train.shared_prompt: model.attn_implementation={m.attn_implementation} takes no 4D attention mask; "
+            "use sdpa or eager, or set train.shared_prompt=false"
         )
 
 

@@ -76,3 +76,12 @@ def test_training_with_shared_prompts_logs_the_plain_layouts_metrics(tmp_path, t
         for k in keys:
             if k in a:
                 assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), k
+
+
+def test_shared_prompts_with_flash_attention_are_refused_before_the_model_loads():
+    from lora_dpo.config import load_recipe
+    from lora_dpo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train.shared_prompt: model.attn_implementation=flash_attention_2"):
+        load_recipe(None, ["output_dir=x", "model.name=m", "data.train=d", "train.shared_prompt=true",
+                           "model.attn_implementation=flash_attention_2"])
