@@ -6,7 +6,8 @@ rejected) is a pure function of four things, each one component of the fingerpri
     data            the token ids of every pair, in order (they already reflect truncation and the template)
     tokenisation    the tokenizer (vocabulary, special tokens, chat template) and the data keys that shape ids
     base_model      name, revision or commit, a digest of a local folder's files, quantization, compute dtype,
-                    attention implementation, device type
+                    attention implementation, device type, and the versions of torch, transformers, peft
+                    and bitsandbytes
     reference_adapter   None while the reference is the bare base (adapter disabled); the digest of an adapter
                     folder (`adapter_fingerprint`) when the reference is an SFT adapter
 
@@ -104,7 +105,20 @@ def base_model_component(model_cfg, policy, device: torch.device) -> dict:
         "dtype": str(compute_dtype(model_cfg, device)),
         "attn_implementation": getattr(config, "_attn_implementation", None) or model_cfg.attn_implementation,
         "device": device.type,
+        "libraries": _versions(),  # a kernel change in an upgrade may move the numbers: recompute then
     }
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "transformers", "peft", "bitsandbytes"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def fingerprint(data: str, tokenisation: str, base_model: dict, reference_adapter: str | None = None) -> dict:

@@ -22,7 +22,7 @@ def pairs(n=3, bump=0):
 
 
 BASE = {"name": "/m", "revision": None, "commit": None, "files": "f0", "quantization": "nf4", "double_quant": True,
-        "dtype": "torch.float32", "attn_implementation": "sdpa", "device": "cpu"}
+        "dtype": "torch.float32", "attn_implementation": "sdpa", "device": "cpu", "libraries": {"torch": "2.13.0"}}
 
 
 def cache(folder, **changes):
@@ -56,6 +56,7 @@ def test_a_cache_hit_returns_the_identical_table_without_computing(tmp_path):
     {"base": {"name": "/other"}}, {"base": {"revision": "v2"}}, {"base": {"commit": "abc"}},
     {"base": {"files": "f1"}}, {"base": {"quantization": "none"}}, {"base": {"dtype": "torch.bfloat16"}},
     {"base": {"double_quant": False}}, {"base": {"attn_implementation": "eager"}}, {"base": {"device": "cuda"}},
+    {"base": {"libraries": {"torch": "2.14.0"}}},
     {"adapter": "sft-adapter-digest"},  # the reference is an SFT adapter, not the bare base
 ], ids=lambda c: next(iter(c)) + ("." + next(iter(c["base"])) if "base" in c else ""))
 def test_any_change_to_the_fingerprint_misses(tmp_path, change):
