@@ -86,3 +86,61 @@ def test_plan_command_prints_terms_and_a_proposal(tmp_path, tiny_llama, capsys):
     assert main(["plan", str(recipe), "--gpu-memory", "4GB", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["fits"] and result["proposal"] == [] and result["allocated"] == sum(result["terms"].values())
+
+
+def test_the_4bit_weights_term_matches_what_bitsandbytes_allocates(tiny_llama):
+    """Packed NF4 weights + 8-bit absmax + the fp32 second-level absmax, counted on a model loaded in 4 bits
+    (the per-layer 256-entry code tables, a few KB in all, are left out of the model)."""
+    import bitsandbytes as bnb
+    import torch
+
+    from lora_dpo.config import ModelConfig
+    from lora_dpo.model import load_base_model
+    from lora_dpo.plan import shape_from_config
+
+    model = load_base_model(ModelConfig(name=str(tiny_llama)), torch.device("cpu"))
+    allocated = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            w, qs = module.weight, module.weight.quant_state
+            allocated += w.data.numel() * w.data.element_size() + qs.absmax.numel() * qs.absmax.element_size()
+            allocated += qs.state2.absmax.numel() * qs.state2.absmax.element_size()
+    predicted = estimate(shape_from_config(model.config), SETTING)["base weights"]
+    assert predicted == pytest.approx(allocated, rel=0.01)
+
+
+@pytest.mark.parametrize("dtype, e", [("fp32", 4), ("bf16", 2)])
+def test_the_per_layer_activation_term_matches_what_autograd_keeps(tmp_path, dtype, e):
+    """Bytes of the distinct storages autograd saves in a forward of a 4-bit Llama with LoRA on every linear
+    layer, without checkpointing: 4 layers minus 2 layers, per layer and token, against the model's term."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lora_dpo.config import LoraConfig, ModelConfig
+    from lora_dpo.logps import sequence_logps
+    from lora_dpo.model import load_policy
+    from lora_dpo.plan import layer_activation_bytes, shape_from_config
+
+    n, t, saved = 4, 64, {}
+    for layers in (2, 4):
+        config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=layers,
+                             num_attention_heads=4, num_key_value_heads=2)
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(tmp_path / str(layers))
+        policy = load_policy(ModelConfig(name=str(tmp_path / str(layers)), dtype=dtype, gradient_checkpointing=False),
+                             LoraConfig(r=16, dropout=0.0), torch.device("cpu"))
+        policy.train()
+        ids = torch.randint(0, 512, (n, t))
+        storages = {}
+
+        def pack(x):
+            st = x.untyped_storage()
+            storages[st.data_ptr()] = max(storages.get(st.data_ptr(), 0), st.nbytes())
+            return x
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            sequence_logps(policy, ids, torch.ones(n, t, dtype=torch.long), torch.ones(n, t, dtype=torch.bool))
+        saved[layers] = sum(storages.values())
+    measured = (saved[4] - saved[2]) / 2 / (n * t)
+    print(f"{dtype}: predicted {layer_activation_bytes(shape_from_config(config), e):.0f}, measured {measured:.0f}")
+    assert layer_activation_bytes(shape_from_config(config), e) == pytest.approx(measured, rel=0.12)
