@@ -142,5 +142,4 @@ def test_the_per_layer_activation_term_matches_what_autograd_keeps(tmp_path, dty
             sequence_logps(policy, ids, torch.ones(n, t, dtype=torch.long), torch.ones(n, t, dtype=torch.bool))
         saved[layers] = sum(storages.values())
     measured = (saved[4] - saved[2]) / 2 / (n * t)
-    print(f"{dtype}: predicted {layer_activation_bytes(shape_from_config(config), e):.0f}, measured {measured:.0f}")
     assert layer_activation_bytes(shape_from_config(config), e) == pytest.approx(measured, rel=0.12)
