@@ -3,8 +3,8 @@
     python benchmarks/bench.py --workload cpu            # the CPU workload (tiny 8-layer Llama)
     python benchmarks/bench.py --workload gpu-1b         # Llama-3.2-1B architecture, random weights (GPU)
     python benchmarks/bench.py --workload gpu-8b         # Llama-3.1-8B architecture, random weights (GPU)
-    python benchmarks/bench.py --workload mem-8b --only lora-dpo   # 8B, pairs of 2 x 2048 tokens: peak memory
-    python benchmarks/bench.py --workload mem-qwen-0.5b --only lora-dpo  # Qwen2.5-0.5B, 2 x 4096
+    python benchmarks/bench.py --workload mem-8b --only shared+grouped trl      # 8B, pairs of 2 x 2048: peak memory
+    python benchmarks/bench.py --workload mem-qwen-0.5b --only shared+grouped trl  # Qwen2.5-0.5B, 2 x 4096
 
 Nothing is downloaded: each model is built with random weights from its published configuration (the numbers
 are written below), with a word-level tokenizer of the same vocabulary size, and saved to a folder that every
