@@ -17,6 +17,7 @@ EXAMPLES = """examples:
   lora-dpo sft recipes/toy-sft.yaml && lora-dpo train recipes/toy-dpo-from-sft.yaml
   lora-dpo train recipes/qwen2.5-1.5b-8gb.yaml data.train=my_pairs.jsonl train.lr=1e-5
   lora-dpo compare --adapter runs/toy --prompt "write a review of the night river ."
+  lora-dpo plan recipes/llama3.1-8b-16gb.yaml --gpu-memory 8GB
   lora-dpo app
 """
 
@@ -47,8 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     from .compare import add_parser as add_compare_parser
     from .export import add_parser as add_export_parser
 
+    from .plan import add_parser as add_plan_parser
+
     add_compare_parser(sub)
     add_export_parser(sub)
+    add_plan_parser(sub)
     from lora_dpo_app.main import add_parser as add_app_parser
 
     add_app_parser(sub)
@@ -90,6 +94,10 @@ def main(argv: list[str] | None = None) -> int:
             return run(args)
         elif args.command == "export":
             from .export import run
+
+            return run(args)
+        elif args.command == "plan":
+            from .plan import run
 
             return run(args)
         elif args.command == "app":

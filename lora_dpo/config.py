@@ -87,6 +87,11 @@ class TrainConfig:
     optimizer: Literal["adamw", "paged_adamw_8bit"] = "adamw"  # paged 8-bit AdamW needs a CUDA GPU
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # autocast; auto follows model.dtype on GPU, no on CPU
     precompute_reference: bool = True  # one reference pass before training instead of one per step
+    # -- speed and memory (issue #6): refcache.py, shared_prompt.py, grouping.py, offload.py --
+    reference_cache: Optional[str] = "auto"  # folder of cached reference log-probs, reused across runs and resumes; auto: $LORA_DPO_CACHE/reference_logps; null: off
+    shared_prompt: bool = False  # one row per pair, [prompt | chosen | rejected] with a 4D mask: the prompt is encoded once (needs sdpa or eager attention)
+    group_by_length: bool = False  # steps of similar-length pairs (still exactly the global batch each): less padding (grouping.py)
+    activation_offload: bool = False  # keep the activations saved for backward in CPU memory: less GPU memory, more PCIe traffic (offload.py)
     log_every: int = 1  # optimizer steps between metrics.jsonl rows
     eval_every: Optional[int] = None  # optimizer steps between evaluations; None: only at the end
     seed: int = 42  # seeds python, numpy and torch; CPU runs are deterministic for a given seed
@@ -364,7 +369,17 @@ def _check_across_keys(recipe: Recipe) -> None:
             f"model.quant_storage: a floating storage dtype must equal model.dtype ({m.dtype}), got {m.quant_storage}: "
             "FSDP shards the 4-bit weights together with the other parameters, which are in the compute dtype"
         )
+    if recipe.train.shared_prompt and m.attn_implementation and "flash" in m.attn_implementation:
+        raise ConfigError(  # (shared_prompt.py) flash attention takes no custom 4D mask
+            f"train.shared_prompt: model.attn_implementation={m.attn_implementation} takes no 4D attention mask; "
+            "use sdpa or eager, or set train.shared_prompt=false"
+        )
     loss, train, online = recipe.loss, recipe.train, recipe.online
+    if recipe.stage == "sft" or loss.name == "kto":
+        for key in ("shared_prompt", "group_by_length"):
+            if getattr(train, key):
+                raise ConfigError(f"train.{key}: arranges preference pairs; {'SFT' if recipe.stage == 'sft' else 'KTO'} "
+                                  "trains on single completions (set it to false)")
     if recipe.data.rounds and len(recipe.data.rounds) != train.rounds - 1:
         raise ConfigError(f"data.rounds: lists {len(recipe.data.rounds)} sources for train.rounds={train.rounds}; round 1 "
                           f"trains on data.train, so give {train.rounds - 1} (one per later round), or none to train "

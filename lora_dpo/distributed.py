@@ -86,11 +86,15 @@ class PairStream:
         while count > 0:
             epoch, offset = divmod(start, self.n)
             if epoch != self._epoch:
-                self._epoch, self._order = epoch, epoch_order(self.n, self.seed, epoch)
+                self._epoch, self._order = epoch, self.order(epoch)
             chunk = self._order[offset : offset + count]
             out += chunk
             start, count = start + len(chunk), count - len(chunk)
         return out
+
+    def order(self, epoch: int) -> list[int]:
+        """The epoch's order of positions (a subclass may regroup it: grouping.py)."""
+        return epoch_order(self.n, self.seed, epoch)
 
 
 def step_micro_batches(stream: PairStream, start: int, batch_size: int, grad_accum: int, rank: int, world: int):
@@ -124,10 +128,16 @@ class PolicyLogps(torch.nn.Module):
         self.config = policy.config  # DeepSpeed's "auto" sizes read model.config.hidden_size
         self._no_split_modules = getattr(policy, "_no_split_modules", None)  # FSDP wraps these layers
 
-    def forward(self, input_ids, attention_mask, loss_mask):
-        """input_ids, attention_mask, loss_mask: [N, T] -> (sums [N] float32, counts [N] float32)."""
+    def forward(self, input_ids, attention_mask, loss_mask=None, shared=None):
+        """input_ids, attention_mask, loss_mask: [N, T] -> (sums [N] float32, counts [N] float32).
+        `shared`: the extra tensors of a shared-prompt batch (shared_prompt.py), whose rows are pairs."""
         from .logps import sequence_logps
 
+        if shared is not None:
+            from .shared_prompt import shared_sequence_logps
+
+            out = shared_sequence_logps(self.policy, {"input_ids": input_ids, **shared})
+            return out.sums, out.counts
         out = sequence_logps(self.policy, input_ids, attention_mask, loss_mask)
         return out.sums, out.counts
 

@@ -14,7 +14,17 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-DEFAULT_CHUNK_TOKENS = 1024  # [1024, 128k] fp32 logits = 0.5 GB, the largest transient this module makes
+# The largest transient this module makes is one chunk of float32 logits, [chunk, vocab]. Sizing the chunk from a
+# byte budget rather than a token count keeps that transient (and the peak) the same whatever the vocabulary:
+# 64 MiB is ~130 tokens of a 128k vocabulary, ~2100 of an 8k one; a [130, 4096] x [4096, 128k] matmul is still
+# large enough to keep a GPU busy. With the exp() temporary and the gradient, a chunk costs ~3.5x its budget
+# at its peak (plan.py): 0.22 GiB, against 0.9 GiB at 256 MiB, on an 8 GB GPU where every GiB counts.
+LOGITS_BUDGET_BYTES = 64 * 2**20
+
+
+def chunk_tokens_for(vocab_size: int, budget_bytes: int = LOGITS_BUDGET_BYTES) -> int:
+    """Tokens per chunk so that one chunk's float32 logits [chunk, vocab] fit in `budget_bytes`."""
+    return max(1, budget_bytes // (4 * max(1, vocab_size)))
 
 
 @dataclass
@@ -45,12 +55,15 @@ def _chunk_logps(hidden, targets, head, softcap, scale):
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def token_logps(hidden, targets, head, softcap=None, scale=None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
+def token_logps(hidden, targets, head, softcap=None, scale=None, chunk_tokens: int | None = None):
     """log p(targets[i] | hidden[i]) for M positions.
 
     hidden: [M, H] last hidden states; targets: [M] long; head: the output projection (a module).
+    chunk_tokens: positions per chunk; None sizes chunks by LOGITS_BUDGET_BYTES.
     Returns [M] float32. With grad enabled each chunk is recomputed in backward (activation checkpointing).
     """
+    if chunk_tokens is None:
+        chunk_tokens = chunk_tokens_for(getattr(head, "out_features", None) or head.weight.shape[0])
     out = []
     for start in range(0, hidden.shape[0], chunk_tokens):
         h, t = hidden[start : start + chunk_tokens], targets[start : start + chunk_tokens]
@@ -61,7 +74,7 @@ def token_logps(hidden, targets, head, softcap=None, scale=None, chunk_tokens: i
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
 
-def sequence_logps(model, input_ids, attention_mask, loss_mask, chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
+def sequence_logps(model, input_ids, attention_mask, loss_mask, chunk_tokens: int | None = None):
     """Summed log-probs of the completion tokens of each sequence.
 
     input_ids, attention_mask: [N, T]; loss_mask: [N, T] bool, True where the token at that position is a

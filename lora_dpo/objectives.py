@@ -25,13 +25,14 @@ import torch
 from . import rundir
 from .completions import EncodedExample, build_completion_datasets, collate_completions, mismatched
 from .config import REFERENCE_FREE, Recipe
-from .data import EncodedPair, build_datasets, collate
+from .data import EncodedPair, build_datasets
 from .distributed import policy_of, reduce_stats, shards
 from .logps import SequenceLogps
 from .losses import (LENGTH_NORMALIZED_BY_DEFAULT, chosen_nll, kto_loss, kto_reference_point, orpo_loss,
                      preference_loss, simpo_loss)
 from .metrics import PairStats, Stats
 from .model import reference_model
+from .shared_prompt import collate_for, forward_inputs
 
 
 def to_device(batch: dict, device) -> dict:
@@ -48,6 +49,14 @@ class Objective:
         self.pad_id = tokenizer.pad_token_id
         self.beta = recipe.loss.beta
         self.step = 0  # the optimizer step being taken (set by the loop)
+        # what the reference is, for the reference cache's key: None for the bare base, else the digest of
+        # the reference adapter (a start adapter, or a round's snapshot; set by the loop)
+        self.reference_adapter: str | None = None
+        if recipe.model.adapter:
+            from .model import resolve_adapter
+            from .refcache import adapter_fingerprint
+
+            self.reference_adapter = adapter_fingerprint(resolve_adapter(recipe.model.adapter))
         self.train: list = []
         self.eval: list = []
         self.report = None
@@ -93,7 +102,7 @@ class Objective:
         for idx, ghost in shards(len(items), bs, accelerator.process_index, accelerator.num_processes):
             b = to_device(collate_fn([items[i] for i in idx]), accelerator.device)
             with reference_model(policy_of(model)):
-                sums, _ = model(b["input_ids"], b["attention_mask"], b["loss_mask"])
+                sums, _ = model(**forward_inputs(b))
             if not ghost:
                 out[idx[0] : idx[-1] + 1] = sums.view(width, -1).T.cpu()
         if accelerator.num_processes > 1:
@@ -120,19 +129,32 @@ class PreferenceObjective(Objective):
             self.eval = self.eval[: recipe.eval.max_pairs]
         self.ref_train: torch.Tensor | None = None
         self.ref_eval: torch.Tensor | None = None
+        self.collate_fn = collate_for(recipe.train.shared_prompt)  # plain [prompt+chosen; prompt+rejected] or shared rows
 
     def _build(self, cfg) -> tuple:
         return build_datasets(cfg, self.tokenizer, self.recipe.train.seed)
 
     def _collate(self, pairs: list[EncodedPair]) -> dict:
-        return collate(pairs, self.pad_id)
+        return self.collate_fn(pairs, self.pad_id)
 
     def prepare(self, model, accelerator) -> None:
+        """The reference tables, from the on-disk cache when their fingerprint matches (refcache.py), else one
+        pass in length order (less padding)."""
         if not self.uses_reference:
             return
+        from .grouping import in_length_order
+        from .refcache import ReferenceCache
+
+        cache = ReferenceCache.for_run(self.recipe, self.tokenizer, policy_of(model), accelerator.device, accelerator,
+                                       reference_adapter=self.reference_adapter)
+
+        def table(pairs):
+            compute = lambda ps: self._reference_table(model, ps, self._collate, accelerator, 2)  # noqa: E731
+            return cache.table(pairs, lambda: in_length_order(compute, pairs, self.recipe.train.shared_prompt))
+
         if self.recipe.train.precompute_reference:
-            self.ref_train = self._reference_table(model, self.train, self._collate, accelerator, 2)
-        self.ref_eval = self._reference_table(model, self.eval, self._collate, accelerator, 2) if self.eval else None
+            self.ref_train = table(self.train)
+        self.ref_eval = table(self.eval) if self.eval else None
 
     def loss(self, model, positions, stats, device):
         batch = to_device(self._collate([self.train[i] for i in positions]), device)
@@ -151,7 +173,7 @@ class PreferenceObjective(Objective):
         prepared `PolicyLogps`); the reference from the precomputed [B, 2] table `ref_sums`, or a no-grad
         reference pass when it is None. Adds the batch's metrics to `stats`."""
         cfg = self.recipe.loss
-        policy = SequenceLogps(*model(batch["input_ids"], batch["attention_mask"], batch["loss_mask"]))
+        policy = SequenceLogps(*model(**forward_inputs(batch)))
         b = policy.sums.shape[0] // 2
         counts = policy.counts.clamp(min=1)
         tokens = batch["attention_mask"].sum()
@@ -166,7 +188,7 @@ class PreferenceObjective(Objective):
             return losses.mean()
         if ref_sums is None:
             with reference_model(policy_of(model)):
-                ref, _ = model(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+                ref, _ = model(**forward_inputs(batch))
         else:
             ref = ref_sums.T.reshape(-1).to(policy.sums.device)  # [B, 2] -> [chosen..., rejected...]
         norm = cfg.length_normalize

@@ -27,7 +27,7 @@ from . import rundir
 from .checkpoint import (TrainerState, checkpoint_dir, complete_checkpoints, find_resume_checkpoint, load_checkpoint,
                          rng_state, save_checkpoint)
 from .config import Recipe, save_recipe, to_dict
-from .distributed import (PairStream, PolicyLogps, check_same_global_batch, clip_params, configure_deepspeed,
+from .distributed import (PolicyLogps, check_same_global_batch, clip_params, configure_deepspeed,
                           gathered_adapter, is_main_process, is_sharded, max_over_processes, policy_of, reduce_sum,
                           step_micro_batches, wants_cpu)
 from .errors import ConfigError, UserError
@@ -35,8 +35,12 @@ from .generate import generate, load_scorer
 from .metrics import MetricsLog, peak_memory_gb
 from .model import (REFERENCE, load_policy, load_tokenizer, resolve_adapter, save_adapter, snapshot_reference,
                     trainable_parameters)
+from .grouping import training_stream
 from .objectives import make_objective
+from .offload import activation_offload
 from .probes import AdaptiveBeta, sample_metrics, sampled_kl
+from .refcache import adapter_fingerprint
+from .shared_prompt import check_attention
 from .stopping import Interrupted, StopRequest
 
 
@@ -155,9 +159,11 @@ def train(recipe: Recipe) -> dict:
     if t.optimizer == "paged_adamw_8bit":
         make_optimizer(recipe, [])  # fail now, not after the model has loaded
     policy = load_policy(recipe.model, recipe.lora, device, sharded, reference_adapter=t.rounds > 1)
+    if t.shared_prompt:
+        check_attention(policy)  # the shared-prompt layout needs an attention that takes a 4D mask
     if recipe.model.adapter:
-        log(f"policy and reference start from the adapter {resolve_adapter(recipe.model.adapter)} "
-            "(two adapters on one base; the lora.* keys come from it)")
+        log(f"policy and reference start from the adapter {resolve_adapter(recipe.model.adapter)} (two adapters on "
+            "one base; the lora.* keys come from it)")
 
     # 3. Schedule: optimizer steps from epochs (or max_steps) in each round; warmup then decay over them all.
     #    Each step averages exactly `pairs_per_step` examples of the round's data stream (distributed.py), so
@@ -200,6 +206,7 @@ def train(recipe: Recipe) -> dict:
     if round_idx:  # a resumed later round: its reference is the policy that ended the previous one
         load_round_reference(policy, out, round_idx)
         objective.set_train(rounds[round_idx])
+        objective.reference_adapter = adapter_fingerprint(out / "rounds" / f"round-{round_idx}")
     controller = None
     if recipe.loss.target_kl is not None and recipe.loss.name in ("dpo", "robust", "kto") and not recipe.loss.label_smoothing:
         log(f"notice: loss.target_kl with {recipe.loss.name} and no label smoothing: this loss has no finite optimum, "
@@ -256,7 +263,7 @@ def train(recipe: Recipe) -> dict:
             f", on {device}")
         bar = tqdm(total=total_steps, initial=state.step, desc=recipe.stage if recipe.stage != "dpo" else recipe.loss.name,
                    dynamic_ncols=True, file=sys.stderr, disable=not main)
-        stream = PairStream(len(objective.train), t.seed + round_idx)
+        stream = training_stream(objective.train, t.seed + round_idx, pairs_per_step, t.group_by_length, t.shared_prompt)
         window, nonfinite_in_a_row = objective.Stats.from_state(state.window), 0
         window_start, probe = time.perf_counter(), {}
         model.train()
@@ -267,7 +274,8 @@ def train(recipe: Recipe) -> dict:
             objective.step = state.step  # (online DPO seeds its sampling with it)
             for positions in step_micro_batches(stream, position, t.batch_size, t.grad_accum, rank, world):
                 with accelerator.accumulate(model):
-                    loss = objective.loss(model, positions, step_stats, device)
+                    with activation_offload(t.activation_offload, device):  # saved activations wait on the CPU
+                        loss = objective.loss(model, positions, step_stats, device)
                     finite = finite and bool(torch.isfinite(loss))
                     accelerator.backward(loss)
             # The last micro-batch synchronised the gradients: each is now the mean over the step's examples.
@@ -337,7 +345,9 @@ def train(recipe: Recipe) -> dict:
                 snapshot_reference(policy)
                 round_idx += 1
                 objective.set_train(rounds[round_idx])
-                stream = PairStream(len(objective.train), t.seed + round_idx)
+                stream = training_stream(objective.train, t.seed + round_idx, pairs_per_step, t.group_by_length,
+                                         t.shared_prompt)
+                objective.reference_adapter = adapter_fingerprint(out / "rounds" / f"round-{round_idx}")
                 objective.prepare(model, accelerator)
                 model.train()
                 log(f"round {round_idx + 1} of {t.rounds}: the policy of step {state.step} is the new reference "
@@ -423,7 +433,8 @@ class _Discard:
 # Keys a resumed run may change: how long it trains and what it records, not what it computes.
 # The split of the global batch into batch_size x grad_accum x processes may change too: it is checked on its own.
 RESUMABLE_CHANGES = {"resume", "overwrite", "train.epochs", "train.max_steps", "train.eval_every", "train.save_every",
-                     "train.keep_last", "train.log_every", "train.report_to", "train.batch_size", "train.grad_accum"}
+                     "train.keep_last", "train.log_every", "train.report_to", "train.batch_size", "train.grad_accum",
+                     "train.reference_cache", "train.activation_offload"}
 
 
 def _check_same_recipe(recipe: Recipe, saved_path: Path) -> None:

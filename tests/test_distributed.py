@@ -176,3 +176,12 @@ def test_sharded_bases_store_4bit_weights_in_the_compute_dtype():
         quant_storage_dtype(model, torch.bfloat16, sharded=True)
     with pytest.raises(ConfigError, match=r"model.quant_storage: .* must equal model.dtype \(bf16\)"):
         load_recipe(None, ["output_dir=x", "model.name=m", "data.train=d", "model.dtype=bf16", "model.quant_storage=fp16"])
+
+
+def test_two_processes_with_shared_prompts_and_length_grouping_train_as_one(tmp_path):
+    """The speed levers keep the data-parallel contract: same pairs per step, same trajectory (issue #6)."""
+    levers = ["train.shared_prompt=true", "train.group_by_length=true"]
+    done = launch(2, f"output_dir={tmp_path / 'two'}", "train.batch_size=4", *levers)
+    assert done.returncode == 0, done.stderr[-4000:]
+    train(load_recipe(RECIPE, [*SMALL, f"output_dir={tmp_path / 'one'}", "train.batch_size=8", *levers]))
+    assert_same_trajectory(rows(tmp_path / "two"), rows(tmp_path / "one"))

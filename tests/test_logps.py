@@ -71,3 +71,13 @@ def test_averaged_divides_by_completion_tokens():
 
     s = SequenceLogps(sums=torch.tensor([-6.0, -3.0]), counts=torch.tensor([3.0, 1.0]))
     assert s.averaged().tolist() == [-2.0, -3.0]
+
+
+def test_a_chunk_of_logits_stays_within_the_byte_budget_whatever_the_vocabulary():
+    """Peak memory must not grow with the vocabulary: chunks shrink as the vocabulary grows."""
+    from lora_dpo.logps import LOGITS_BUDGET_BYTES, chunk_tokens_for
+
+    for vocab in (8000, 32000, 128256, 151936, 256000):
+        chunk = chunk_tokens_for(vocab)
+        assert chunk * vocab * 4 <= LOGITS_BUDGET_BYTES < (chunk + 1) * vocab * 4
+    assert chunk_tokens_for(10**12) == 1  # never zero
