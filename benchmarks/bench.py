@@ -173,6 +173,7 @@ def run_lora_dpo(job: dict) -> dict:
     import lora_dpo.trainer as trainer
     from lora_dpo.config import load_recipe
     from lora_dpo.metrics import read_metrics
+    from lora_dpo.objectives import PreferenceObjective
 
     w = job["workload"]
     steps = w["pairs"] // w["batch"]
@@ -191,16 +192,16 @@ def run_lora_dpo(job: dict) -> dict:
     }
     recipe = load_recipe(None, job["overrides"], base=base)
     ref_s = [0.0]
-    compute = trainer.reference_logps
+    compute = PreferenceObjective.prepare  # the reference pre-pass (eval_fraction 0: the training table only)
 
-    def timed_reference(*args, **kwargs):
+    def timed_reference(self, *args, **kwargs):
         start = time.perf_counter()
         try:
-            return compute(*args, **kwargs)
+            return compute(self, *args, **kwargs)
         finally:
             ref_s[0] += time.perf_counter() - start
 
-    trainer.reference_logps = timed_reference
+    PreferenceObjective.prepare = timed_reference
     trainer.train(recipe)
     row = [r for r in read_metrics(Path(job["out"]) / "metrics.jsonl") if r["split"] == "train"][-1]
     train_s = w["pairs"] / row["pairs_per_s"]  # one window over every step: optimizer steps only
