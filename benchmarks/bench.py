@@ -205,7 +205,14 @@ def run_lora_dpo(job: dict) -> dict:
     trainer.train(recipe)
     row = [r for r in read_metrics(Path(job["out"]) / "metrics.jsonl") if r["split"] == "train"][-1]
     train_s = w["pairs"] / row["pairs_per_s"]  # one window over every step: optimizer steps only
-    return {"train_s": train_s, "ref_s": ref_s[0], "loss": row["loss"], "peak_gb": _peak_memory_gb()}
+    out = {"train_s": train_s, "ref_s": ref_s[0], "loss": row["loss"], "peak_gb": _peak_memory_gb()}
+    import torch
+
+    if torch.cuda.is_available():  # what `lora-dpo plan` predicts for this recipe, against the measured peak
+        from lora_dpo.plan import plan
+
+        out["plan_gb"] = plan(recipe, 80 * 2**30)["allocated"] / 1e9
+    return out
 
 
 def run_trl(job: dict) -> dict:
@@ -364,8 +371,9 @@ def main(argv=None) -> int:
                     break
                 r = json.loads((Path(tmp) / "result.json").read_text())
                 r["wall_s"] = time.perf_counter() - t0
+                plan_note = f" (lora-dpo plan predicted {r['plan_gb']:.2f} GB)" if "plan_gb" in r else ""
                 print(f"  {name} run {rep + 1}: train {r['train_s']:.1f}s, reference {r['ref_s']:.1f}s, "
-                      f"peak {r['peak_gb']:.2f} GB, loss {r['loss']:.4f}", file=sys.stderr)
+                      f"peak {r['peak_gb']:.2f} GB{plan_note}, loss {r['loss']:.4f}", file=sys.stderr)
                 if best is None or r["train_s"] < best["train_s"]:
                     best = r
         if best is not None:
