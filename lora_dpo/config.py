@@ -89,8 +89,8 @@ class TrainConfig:
     precompute_reference: bool = True  # one reference pass before training instead of one per step
     # -- speed and memory (issue #6): refcache.py, shared_prompt.py, grouping.py, offload.py --
     reference_cache: Optional[str] = "auto"  # folder of cached reference log-probs, reused across runs and resumes; auto: $LORA_DPO_CACHE/reference_logps; null: off
-    shared_prompt: bool = False  # one row per pair, [prompt | chosen | rejected] with a 4D mask: the prompt is encoded once (needs sdpa or eager attention)
-    group_by_length: bool = False  # steps of similar-length pairs (still exactly the global batch each): less padding (grouping.py)
+    shared_prompt: bool = False  # one row per pair, [prompt | chosen | rejected] with a 4D mask: the prompt is encoded once (needs sdpa or eager attention; pairs only: SFT and KTO examples are one sequence anyway)
+    group_by_length: bool = False  # steps of similar-length pairs (still exactly the global batch each): less padding (grouping.py; pairs only)
     activation_offload: bool = False  # keep the activations saved for backward in CPU memory: less GPU memory, more PCIe traffic (offload.py)
     log_every: int = 1  # optimizer steps between metrics.jsonl rows
     eval_every: Optional[int] = None  # optimizer steps between evaluations; None: only at the end
@@ -375,11 +375,6 @@ def _check_across_keys(recipe: Recipe) -> None:
             "use sdpa or eager, or set train.shared_prompt=false"
         )
     loss, train, online = recipe.loss, recipe.train, recipe.online
-    if recipe.stage == "sft" or loss.name == "kto":
-        for key in ("shared_prompt", "group_by_length"):
-            if getattr(train, key):
-                raise ConfigError(f"train.{key}: arranges preference pairs; {'SFT' if recipe.stage == 'sft' else 'KTO'} "
-                                  "trains on single completions (set it to false)")
     if recipe.data.rounds and len(recipe.data.rounds) != train.rounds - 1:
         raise ConfigError(f"data.rounds: lists {len(recipe.data.rounds)} sources for train.rounds={train.rounds}; round 1 "
                           f"trains on data.train, so give {train.rounds - 1} (one per later round), or none to train "

@@ -159,7 +159,7 @@ def train(recipe: Recipe) -> dict:
     if t.optimizer == "paged_adamw_8bit":
         make_optimizer(recipe, [])  # fail now, not after the model has loaded
     policy = load_policy(recipe.model, recipe.lora, device, sharded, reference_adapter=t.rounds > 1)
-    if t.shared_prompt:
+    if t.shared_prompt and objective.unit == "pair":
         check_attention(policy)  # the shared-prompt layout needs an attention that takes a 4D mask
     if recipe.model.adapter:
         log(f"policy and reference start from the adapter {resolve_adapter(recipe.model.adapter)} (two adapters on "
@@ -263,7 +263,8 @@ def train(recipe: Recipe) -> dict:
             f", on {device}")
         bar = tqdm(total=total_steps, initial=state.step, desc=recipe.stage if recipe.stage != "dpo" else recipe.loss.name,
                    dynamic_ncols=True, file=sys.stderr, disable=not main)
-        stream = training_stream(objective.train, t.seed + round_idx, pairs_per_step, t.group_by_length, t.shared_prompt)
+        grouped = t.group_by_length and objective.unit == "pair"  # (single completions are not regrouped)
+        stream = training_stream(objective.train, t.seed + round_idx, pairs_per_step, grouped, t.shared_prompt)
         window, nonfinite_in_a_row = objective.Stats.from_state(state.window), 0
         window_start, probe = time.perf_counter(), {}
         model.train()
@@ -345,8 +346,7 @@ def train(recipe: Recipe) -> dict:
                 snapshot_reference(policy)
                 round_idx += 1
                 objective.set_train(rounds[round_idx])
-                stream = training_stream(objective.train, t.seed + round_idx, pairs_per_step, t.group_by_length,
-                                         t.shared_prompt)
+                stream = training_stream(objective.train, t.seed + round_idx, pairs_per_step, grouped, t.shared_prompt)
                 objective.reference_adapter = adapter_fingerprint(out / "rounds" / f"round-{round_idx}")
                 objective.prepare(model, accelerator)
                 model.train()
