@@ -198,7 +198,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Return `value` as type `tp`, or raise ConfigError naming `key`."""
     origin = typing.get_origin(tp)
     if origin is Literal:
-        if value in typing.get_args(tp):
+        if isinstance(value, bool):  # YAML 1.1 reads no/off and yes/on as booleans: `mixed_precision: no`
+            word = next((w for w in (("no", "off") if not value else ("yes", "on")) if w in typing.get_args(tp)), None)
+            if word is not None:
+                return word
+        elif value in typing.get_args(tp):
             return value
     elif origin in (Union, types.UnionType):
         args = typing.get_args(tp)

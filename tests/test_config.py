@@ -108,3 +108,14 @@ def test_saved_recipe_reloads_to_the_same_recipe(recipe_file, tmp_path):
     save_recipe(r, tmp_path / "config.yaml")
     assert load_recipe(tmp_path / "config.yaml") == r
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["lr"] == pytest.approx(2e-4)
+
+
+def test_yaml_no_is_the_word_where_a_choice_expects_it(tmp_path):
+    """YAML 1.1 reads `no` as false: `train.mixed_precision=no` (and `mixed_precision: no` in a file) mean "no"."""
+    assert load_recipe(None, [f"output_dir={tmp_path}", "model.name=toy", "data.train=toy",
+                              "train.mixed_precision=no"]).train.mixed_precision == "no"
+    path = tmp_path / "r.yaml"
+    path.write_text("output_dir: x\nmodel: {name: toy}\ndata: {train: toy}\ntrain: {mixed_precision: no}\n")
+    assert load_recipe(path).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="train.optimizer: expected one of"):
+        load_recipe(path, ["train.optimizer=no"])  # a choice without "no" still refuses a boolean

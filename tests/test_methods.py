@@ -128,16 +128,18 @@ def test_reference_log_probs_are_those_of_the_start_adapter(tiny_qwen2, strong_a
                                 "data.eval_fraction=0", "model.quantization=none", f"model.adapter={strong_adapter}"])
     tok = AutoTokenizer.from_pretrained(tiny_qwen2)
     objective = PreferenceObjective(recipe, tok)
-    policy = model_module.load_policy(recipe.model, recipe.lora, torch.device("cpu"))
-    objective.prepare(PolicyLogps(policy), Accelerator(cpu=True))
+    accelerator = Accelerator()  # (the process's device: the CPU here, a GPU where there is one)
+    policy = model_module.load_policy(recipe.model, recipe.lora, accelerator.device)
+    objective.prepare(PolicyLogps(policy), accelerator)
 
-    batch = collate(objective.train, tok.pad_token_id)
-    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_qwen2), str(strong_adapter)).eval()
+    batch = {k: v.to(accelerator.device) for k, v in collate(objective.train, tok.pad_token_id).items()}
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_qwen2), str(strong_adapter))
+    plain = plain.to(accelerator.device).eval()
     with torch.no_grad():
         expected = sequence_logps(plain, batch["input_ids"], batch["attention_mask"], batch["loss_mask"]).sums
         with plain.disable_adapter():
             bare = sequence_logps(plain, batch["input_ids"], batch["attention_mask"], batch["loss_mask"]).sums
-    table = objective.ref_train.T.reshape(-1)
+    table = objective.ref_train.T.reshape(-1).to(expected.device)
     torch.testing.assert_close(table, expected, rtol=0, atol=2e-4)
     assert (table - bare).abs().max() > 0.05
     # the policy starts as a copy: its log-probs equal the reference's before any step
