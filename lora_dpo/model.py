@@ -256,3 +256,16 @@ def save_adapter(model, tokenizer, folder: str | Path, state_dict: dict | None =
     weights gathered from processes that each hold a shard of them (FSDP, ZeRO-3)."""
     model.save_pretrained(str(folder), state_dict=state_dict, selected_adapters=[POLICY])
     tokenizer.save_pretrained(str(folder))
+
+
+def load_round_reference(policy, out: Path, finished_rounds: int) -> None:
+    """On resume in round k + 1: the reference is the adapter saved when round k ended."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = out / "rounds" / f"round-{finished_rounds}" / "adapter_model.safetensors"
+    if not path.is_file():
+        from .errors import UserError
+
+        raise UserError(f"resume: {path} is missing: it holds the reference of round {finished_rounds + 1}")
+    set_peft_model_state_dict(policy, load_file(str(path)), adapter_name=REFERENCE)

@@ -104,3 +104,45 @@ class AdaptiveBeta:
         err = max(-0.5, min(1.0, measured_kl / self.target - 1))
         self.beta = max(self.floor, min(self.max_beta, self.beta * math.exp(self.rate * err)))
         return self.beta
+
+
+class Sampler:
+    """Samples from the policy (or the reference) on held-out prompts and measures them (probes.py): the
+    behaviour score, diversity, sampled KL. Every process samples the same prompts from the same seed, so all
+    of them get the same figures without communicating (and under FSDP their collective forwards stay in step)."""
+
+    def __init__(self, recipe, tokenizer, prompts: list, log=print):
+        e = recipe.eval
+        self.recipe, self.tokenizer, self.log = recipe, tokenizer, log
+        self.prompts = prompts[: e.num_prompts]
+        from .generate import load_scorer
+
+        self.scorer = load_scorer(e.scorer) if e.scorer else None
+        self.reference_distinct: float | None = None
+
+    def __call__(self, policy, adapter: bool) -> dict:
+        if not self.prompts:
+            return {}
+        e = self.recipe.eval
+        out = sample_metrics(policy, self.tokenizer, self.prompts, adapter=adapter, max_new_tokens=e.max_new_tokens,
+                             temperature=e.temperature, seed=self.recipe.train.seed, scorer=self.scorer)
+        d2 = out["diversity/distinct_2"]
+        if not adapter:
+            self.reference_distinct = d2
+        elif self.reference_distinct and d2 < e.min_diversity * self.reference_distinct:
+            self.log(f"warning: the policy's samples are collapsing: distinct-2 {d2:.3f} against the reference's "
+                f"{self.reference_distinct:.3f} (eval.min_diversity={e.min_diversity:g}); lower train.lr or raise "
+                "loss.beta, or set loss.target_kl")
+        return out
+
+
+def measure_kl(recipe, policy, tokenizer, objective, step: int) -> float:
+    """Sampled KL(pi || pi_ref) per token on `loss.kl_prompts` training prompts, a different window of them at
+    each measurement, sampled from a seed of the step (the same on every process)."""
+    prompts = objective.prompts("train")
+    n = min(recipe.loss.kl_prompts, len(prompts))
+    start = (step // recipe.loss.kl_every * n) % len(prompts)
+    chosen = [prompts[(start + i) % len(prompts)] for i in range(n)]
+    texts = generate(policy, tokenizer, chosen, adapter=True, max_new_tokens=recipe.eval.max_new_tokens,
+                     temperature=1.0, seed=recipe.train.seed + step)
+    return sampled_kl(policy, tokenizer, chosen, texts)

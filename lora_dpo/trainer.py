@@ -31,14 +31,14 @@ from .distributed import (PolicyLogps, check_same_global_batch, clip_params, con
                           gathered_adapter, is_main_process, is_sharded, max_over_processes, policy_of, reduce_sum,
                           step_micro_batches, wants_cpu)
 from .errors import ConfigError, UserError
-from .generate import generate, load_scorer
+from .generate import load_scorer
 from .metrics import MetricsLog, peak_memory_gb
-from .model import (REFERENCE, load_policy, load_tokenizer, resolve_adapter, save_adapter, snapshot_reference,
+from .model import (load_policy, load_round_reference, load_tokenizer, resolve_adapter, save_adapter, snapshot_reference,
                     trainable_parameters)
 from .grouping import training_stream
 from .objectives import make_objective
 from .offload import activation_offload
-from .probes import AdaptiveBeta, sample_metrics, sampled_kl
+from .probes import AdaptiveBeta, Sampler, measure_kl
 from .refcache import adapter_fingerprint
 from .shared_prompt import check_attention
 from .stopping import Interrupted, StopRequest
@@ -66,34 +66,6 @@ def make_optimizer(recipe: Recipe, params):
 
         return bnb.optim.PagedAdamW8bit(params, lr=t.lr, weight_decay=t.weight_decay)
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-
-
-class Sampler:
-    """Samples from the policy (or the reference) on held-out prompts and measures them (probes.py): the
-    behaviour score, diversity, sampled KL. Every process samples the same prompts from the same seed, so all
-    of them get the same figures without communicating (and under FSDP their collective forwards stay in step)."""
-
-    def __init__(self, recipe: Recipe, tokenizer, prompts: list):
-        e = recipe.eval
-        self.recipe, self.tokenizer = recipe, tokenizer
-        self.prompts = prompts[: e.num_prompts]
-        self.scorer = load_scorer(e.scorer) if e.scorer else None
-        self.reference_distinct: float | None = None
-
-    def __call__(self, policy, adapter: bool) -> dict:
-        if not self.prompts:
-            return {}
-        e = self.recipe.eval
-        out = sample_metrics(policy, self.tokenizer, self.prompts, adapter=adapter, max_new_tokens=e.max_new_tokens,
-                             temperature=e.temperature, seed=self.recipe.train.seed, scorer=self.scorer)
-        d2 = out["diversity/distinct_2"]
-        if not adapter:
-            self.reference_distinct = d2
-        elif self.reference_distinct and d2 < e.min_diversity * self.reference_distinct:
-            log(f"warning: the policy's samples are collapsing: distinct-2 {d2:.3f} against the reference's "
-                f"{self.reference_distinct:.3f} (eval.min_diversity={e.min_diversity:g}); lower train.lr or raise "
-                "loss.beta, or set loss.target_kl")
-        return out
 
 
 def round_steps(recipe: Recipe, sizes: list[int], pairs_per_step: int) -> list[int]:
@@ -219,7 +191,7 @@ def train(recipe: Recipe) -> dict:
     policy = policy_of(model)
     if t.report_to:
         accelerator.init_trackers("lora-dpo", config=_flat(to_dict(recipe)))
-    sampler = Sampler(recipe, tokenizer, objective.prompts("eval"))
+    sampler = Sampler(recipe, tokenizer, objective.prompts("eval"), log)
 
     def checkpoint() -> Path:
         """All processes call this: their RNG states go to the main one, which writes the checkpoint."""
@@ -389,29 +361,6 @@ def train(recipe: Recipe) -> dict:
     accelerator.wait_for_everyone()  # no process returns before the run directory is complete
     accelerator.end_training()  # (this also ends the process group)
     return final
-
-
-def measure_kl(recipe: Recipe, policy, tokenizer, objective, step: int) -> float:
-    """Sampled KL(pi || pi_ref) per token on `loss.kl_prompts` training prompts, a different window of them at
-    each measurement, sampled from a seed of the step (the same on every process)."""
-    prompts = objective.prompts("train")
-    n = min(recipe.loss.kl_prompts, len(prompts))
-    start = (step // recipe.loss.kl_every * n) % len(prompts)
-    chosen = [prompts[(start + i) % len(prompts)] for i in range(n)]
-    texts = generate(policy, tokenizer, chosen, adapter=True, max_new_tokens=recipe.eval.max_new_tokens,
-                     temperature=1.0, seed=recipe.train.seed + step)
-    return sampled_kl(policy, tokenizer, chosen, texts)
-
-
-def load_round_reference(policy, out: Path, finished_rounds: int) -> None:
-    """On resume in round k + 1: the reference is the adapter saved when round k ended."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    path = out / "rounds" / f"round-{finished_rounds}" / "adapter_model.safetensors"
-    if not path.is_file():
-        raise UserError(f"resume: {path} is missing: it holds the reference of round {finished_rounds + 1}")
-    set_peft_model_state_dict(policy, load_file(str(path)), adapter_name=REFERENCE)
 
 
 def _postfix(row: dict) -> dict:

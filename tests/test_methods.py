@@ -263,13 +263,12 @@ def test_distinct_n_counts_distinct_ngrams_over_all_samples():
 
 
 def test_a_collapse_of_diversity_is_warned_about(monkeypatch, capsys):
-    import lora_dpo.trainer as trainer_module
+    import lora_dpo.probes as probes
 
     recipe = load_recipe(RECIPES / "toy.yaml", ["eval.min_diversity=0.5"])
     figures = iter([{"diversity/distinct_2": 0.4}, {"diversity/distinct_2": 0.3}, {"diversity/distinct_2": 0.1}])
-    monkeypatch.setattr(trainer_module, "sample_metrics", lambda *a, **k: next(figures))
-    monkeypatch.setattr(trainer_module, "log", lambda msg: print(msg))
-    sampler = trainer_module.Sampler(recipe, None, ["a prompt"])
+    monkeypatch.setattr(probes, "sample_metrics", lambda *a, **k: next(figures))
+    sampler = probes.Sampler(recipe, None, ["a prompt"], log=print)
     sampler(None, adapter=False)  # the reference: 0.4
     sampler(None, adapter=True)  # 0.3: above half of it
     assert "collapsing" not in capsys.readouterr().out
