@@ -236,8 +236,13 @@ def collate_completions(examples: list[EncodedExample], pad_id: int) -> dict[str
 
 
 def mismatched(examples: list[EncodedExample], max_length: int) -> list[EncodedExample]:
-    """KTO's KL examples: each prompt with the next example's completion (a rotation by one), a completion the
-    policy has no reason to prefer for that prompt; cut to fit max_length."""
-    shifted = examples[1:] + examples[:1]
-    return [EncodedExample(e.index, e.prompt, e.prompt_ids, s.completion_ids[: max(1, max_length - len(e.prompt_ids))],
-                           e.desirable) for e, s in zip(examples, shifted)]
+    """KTO's KL examples: each prompt with the completion of the next example from another source row, a
+    completion the policy has no reason to prefer for that prompt; cut to fit max_length."""
+    n, out = len(examples), []
+    for k, e in enumerate(examples):
+        # the next example from another source row (a preference row's two examples share their prompt)
+        other = next((examples[(k + j) % n] for j in range(1, n) if examples[(k + j) % n].index != e.index),
+                     examples[(k + 1) % n])
+        out.append(EncodedExample(e.index, e.prompt, e.prompt_ids,
+                                  other.completion_ids[: max(1, max_length - len(e.prompt_ids))], e.desirable))
+    return out

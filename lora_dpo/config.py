@@ -395,6 +395,9 @@ def _check_across_keys(recipe: Recipe) -> None:
         key = "train.rounds" if train.rounds > 1 else "loss.target_kl"
         raise ConfigError(f"{key}: loss.name={loss.name} has no reference model, so there is none to refresh or to "
                           "steer the KL toward; use dpo, ipo, hinge, robust or kto")
+    if loss.name == "kto" and train.batch_size < 2:
+        raise ConfigError("train.batch_size: KTO estimates its reference point on the batch's mismatched examples, "
+                          "which needs at least 2 examples per batch (raise train.batch_size, lower train.grad_accum)")
     if loss.name == "kto" and online.enabled:
         raise ConfigError("online.enabled: online DPO trains on ranked pairs; use a pairwise loss (dpo, ipo, ...) not kto")
 

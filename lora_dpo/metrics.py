@@ -72,7 +72,7 @@ class Stats:
         pairs, tokens, sums, parts = values[0], values[1], values[2 : 2 + n], values[2 + n :]
         stats = cls()
         stats.pairs, stats.tokens = round(pairs), round(tokens)
-        if stats.pairs:
+        if any(values):  # (a step of online DPO where every prompt tied has no pairs but has its judge's figures)
             stats._sums = dict(zip(cls.SUMMED, sums))
             stats._num = {k: parts[2 * i] for i, k in enumerate(cls.RATIOS)}
             stats._den = {k: parts[2 * i + 1] for i, k in enumerate(cls.RATIOS)}

@@ -199,6 +199,7 @@ def load_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig, device: torch.devi
         if reference_adapter:
             policy.add_adapter(REFERENCE, policy.peft_config[POLICY])
             policy.set_adapter(POLICY)
+            _freeze_reference(policy)
             snapshot_reference(policy)
         return policy
     from peft import PeftModel
@@ -212,7 +213,17 @@ def load_policy(model_cfg: ModelConfig, lora_cfg: LoraConfig, device: torch.devi
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise ConfigError(f"model.adapter: cannot attach '{model_cfg.adapter}' to {model_cfg.name}: {first_line(exc)}") from None
     policy.set_adapter(POLICY)
+    _freeze_reference(policy)
     return policy
+
+
+def _freeze_reference(model) -> None:
+    """The REFERENCE adapter is a fixed function: no dropout, whatever lora.dropout the policy trains with (peft
+    would apply it in train mode, making pi_ref random in every per-step reference pass)."""
+    for module in model.modules():
+        dropout = getattr(module, "lora_dropout", None)
+        if isinstance(dropout, torch.nn.ModuleDict) and REFERENCE in dropout:
+            dropout[REFERENCE] = torch.nn.Identity()
 
 
 def snapshot_reference(model) -> None:

@@ -151,9 +151,10 @@ def _eval_section(final: dict, plots: list[str]) -> str:
     lines = [
         "## Evaluation",
         "",
-        f"On {final.get('pairs', '?')} held-out preference pairs after {final.get('step', '?')} optimizer steps. "
-        "Rewards are β·(log π_θ − log π_ref) per sequence; the reference is the base model (the adapter "
-        "switched off), whose rewards are 0 by definition.",
+        f"On {final.get('pairs', final.get('examples', '?'))} held-out "
+        f"{'preference pairs' if 'pairs' in final else 'examples'} after {final.get('step', '?')} optimizer steps. "
+        "Rewards are β·(log π_θ − log π_ref) per sequence, against the reference the run trained with (the base "
+        "with the adapter switched off, or the adapter it started from), whose rewards are 0 by definition.",
         "",
         "| metric | reference | tuned |",
         "|---|---|---|",

@@ -279,7 +279,8 @@ def train(recipe: Recipe) -> dict:
                 if nonfinite_in_a_row >= t.max_nonfinite_steps:
                     raise _diverged(state, out)
             if controller and state.step % recipe.loss.kl_every == 0:
-                probe = {"kl/sampled": measure_kl(recipe, policy, tokenizer, objective, state.step)}
+                kl = reduce_sum(accelerator, [measure_kl(recipe, policy, tokenizer, objective, state.step)])[0] / world
+                probe = {"kl/sampled": kl}  # (the processes' mean: every one then sets the same beta)
                 probe["beta"] = objective.beta = controller.update(probe["kl/sampled"])
                 model.train()
             epoch_f = (state.step - start) * pairs_per_step / len(objective.train)
@@ -391,7 +392,9 @@ def _check_same_recipe(recipe: Recipe, saved_path: Path) -> None:
     from .config import load_recipe
 
     saved, now = _flat(to_dict(load_recipe(saved_path))), _flat(to_dict(recipe))
-    changed = sorted(k for k in now if now[k] != saved.get(k) and k not in RESUMABLE_CHANGES)
+    # (with rounds, the steps per round place the round boundaries: they stay as they were)
+    resumable = RESUMABLE_CHANGES - ({"train.epochs", "train.max_steps"} if recipe.train.rounds > 1 else set())
+    changed = sorted(k for k in now if now[k] != saved.get(k) and k not in resumable)
     if changed:
         raise ConfigError(
             f"resume: the recipe differs from the run's {saved_path} in {', '.join(changed)}; "

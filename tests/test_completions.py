@@ -97,6 +97,15 @@ def test_held_out_rows_keep_both_examples_of_a_pair_together(tmp_path, tok_chatm
     assert len(evals) == 8 and not {e.index for e in evals} & {e.index for e in train}
 
 
+def test_mismatched_examples_never_answer_their_own_rows_prompt(tmp_path, tok_chatml):
+    rows = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(3)]
+    train, _, _ = build(write(tmp_path / "d.jsonl", rows), tok_chatml, labelled=True)  # [g0, b0, g1, b1, g2, b2]
+    shifted = mismatched(train, max_length=1024)
+    by_ids = {tuple(e.completion_ids): e.index for e in train}
+    assert all(by_ids[tuple(s.completion_ids)] != e.index for e, s in zip(train, shifted))
+    assert shifted[0].completion_ids == train[2].completion_ids  # g0's prompt gets g1, not its own b0
+
+
 def test_mismatched_examples_pair_each_prompt_with_the_next_completion(tmp_path, tok_chatml):
     rows = [{"prompt": f"q{i}", "completion": f"answer {i}", "label": i % 2 == 0} for i in range(3)]
     train, _, _ = build(write(tmp_path / "d.jsonl", rows), tok_chatml, labelled=True)

@@ -148,6 +148,13 @@ def test_reference_log_probs_are_those_of_the_start_adapter(tiny_qwen2, strong_a
         own = sequence_logps(policy, batch["input_ids"], batch["attention_mask"], batch["loss_mask"]).sums
     torch.testing.assert_close(own, expected, rtol=0, atol=2e-4)
     assert all(p.requires_grad == (".default." in n) for n, p in policy.named_parameters() if "lora_" in n)
+    # in train mode (a per-step reference pass) the frozen reference has no dropout: the same input, the same pi_ref
+    policy.train()
+    assert recipe.lora.dropout > 0
+    with model_module.reference_model(policy):
+        once, twice = (sequence_logps(policy, batch["input_ids"], batch["attention_mask"], batch["loss_mask"]).sums
+                       for _ in range(2))
+    torch.testing.assert_close(once, twice, rtol=0, atol=0)
 
 
 def test_a_missing_start_adapter_is_refused_before_the_model_loads(tmp_path):
@@ -286,5 +293,7 @@ def test_recipes_refuse_contradictory_method_keys(tmp_path):
         load_recipe(RECIPES / "toy-iterative.yaml", [out, "data.rounds=[x.jsonl]"])
     with pytest.raises(ConfigError, match="stage: sft trains on given responses"):
         load_recipe(RECIPES / "toy-sft.yaml", [out, "train.rounds=2"])
+    with pytest.raises(ConfigError, match="train.batch_size: KTO estimates its reference point"):
+        load_recipe(RECIPES / "toy-kto.yaml", [out, "train.batch_size=1"])
     with pytest.raises(ConfigError, match="online.samples: must be >= 2"):
         load_recipe(RECIPES / "toy-online.yaml", [out, "online.samples=1"])
