@@ -23,7 +23,7 @@ import torch
 from jinja2.exceptions import TemplateError
 
 from .config import DataConfig
-from .data import (Prompt, encode_completions, encode_prompts, eval_is_split, load_rows, load_split, render_prompt)
+from .data import Prompt, encode_completions, encode_prompts, eval_rows, render_prompt, train_rows
 from .datareport import DataReport
 from .errors import DataError
 from .formats import RowError, detect_format, normalise_row, parse_messages, parse_prompt, parse_reply
@@ -183,20 +183,13 @@ def build_completion_datasets(cfg: DataConfig, tokenizer, seed: int, labelled: b
         truncated_completions=0, train_pairs=0, eval_pairs=0, max_length=cfg.max_length,
         max_prompt_length=cfg.max_prompt_length or cfg.max_length // 2, unit="example",
     )  # fmt: skip
-    rows = load_rows(cfg.train, cfg.train_split)
-    if cfg.max_rows is not None and cfg.max_rows < len(rows):
-        rows = rows.select(range(cfg.max_rows))
-    train = _encode(rows, cfg.train, cfg, tokenizer, report, labelled)
+    train = _encode(train_rows(cfg), cfg.train, cfg, tokenizer, report, labelled)
     if not train:
         raise DataError(f"{cfg.train}: no training examples left ({sum(report.malformed.values())} malformed or "
                         f"skipped, {report.dropped_for_length} too long for max_length={cfg.max_length})")
     evals: list[EncodedExample] = []
     if cfg.eval is not None:
-        if eval_is_split(cfg.eval):
-            rows, label = load_rows(cfg.train, cfg.eval), f"{cfg.train} [{cfg.eval}]"
-        else:
-            rows, split = load_split(cfg.eval, ("test", "train"))
-            label = f"{cfg.eval} [{split}]"
+        rows, label = eval_rows(cfg)
         report.eval_from = f"from {label}"
         evals = _encode(rows, label, cfg, tokenizer, report, labelled)
     elif cfg.eval_fraction > 0 and len(train) >= 2:

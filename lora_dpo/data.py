@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 __all__ = [
     "EncodedPair", "DataReport", "RowError", "load_rows", "detect_format", "normalise_row", "build_datasets",
     "collate", "render_prompt", "encode_prompt", "encode_completion", "encode_prompts", "encode_completions",
-    "load_split", "eval_is_split", "inspect_data", "percentile", "length_stats",
+    "load_split", "eval_is_split", "train_rows", "eval_rows", "inspect_data", "percentile", "length_stats",
 ]  # fmt: skip
 
 Message = dict
@@ -271,6 +271,23 @@ def eval_is_split(name: str) -> bool:
     return name != "toy" and "/" not in name and not looks_like_path(name)
 
 
+def train_rows(cfg: DataConfig) -> "datasets.Dataset":
+    """The rows of data.train (its data.train_split), at most data.max_rows of them."""
+    rows = load_rows(cfg.train, cfg.train_split)
+    if cfg.max_rows is not None and cfg.max_rows < len(rows):
+        rows = rows.select(range(cfg.max_rows))
+    return rows
+
+
+def eval_rows(cfg: DataConfig) -> tuple["datasets.Dataset", str]:
+    """(rows, label) of data.eval: a split of data.train, or another source read from its `test` split when it
+    has one, else `train`. Call only when data.eval is set."""
+    if eval_is_split(cfg.eval):
+        return load_rows(cfg.train, cfg.eval), f"{cfg.train} [{cfg.eval}]"
+    rows, split = load_split(cfg.eval, ("test", "train"))
+    return rows, f"{cfg.eval} [{split}]"
+
+
 def build_datasets(cfg: DataConfig, tokenizer, seed: int) -> tuple[list[EncodedPair], list[EncodedPair], DataReport]:
     """Training pairs, eval pairs and a report, from `cfg` (see `DataConfig`).
 
@@ -284,10 +301,7 @@ def build_datasets(cfg: DataConfig, tokenizer, seed: int) -> tuple[list[EncodedP
         truncated_completions=0, train_pairs=0, eval_pairs=0, max_length=cfg.max_length,
         max_prompt_length=max_prompt,
     )  # fmt: skip
-    rows = load_rows(cfg.train, cfg.train_split)
-    if cfg.max_rows is not None and cfg.max_rows < len(rows):
-        rows = rows.select(range(cfg.max_rows))
-    train, measured = _encode_source(rows, cfg.train, cfg, tokenizer, report)
+    train, measured = _encode_source(train_rows(cfg), cfg.train, cfg, tokenizer, report)
     profile(report, measured)
     if not train:
         bad = sum(report.malformed.values())
@@ -307,11 +321,7 @@ def build_datasets(cfg: DataConfig, tokenizer, seed: int) -> tuple[list[EncodedP
     eval_keys: dict[int, bytes] = {}
     evals: list[EncodedPair] = []
     if cfg.eval is not None:
-        if eval_is_split(cfg.eval):
-            rows, label = load_rows(cfg.train, cfg.eval), f"{cfg.train} [{cfg.eval}]"
-        else:
-            rows, split = load_split(cfg.eval, ("test", "train"))
-            label = f"{cfg.eval} [{split}]"
+        rows, label = eval_rows(cfg)
         report.eval_from = f"from {label}"
         evals, eval_measured = _encode_source(rows, label, cfg, tokenizer, report)
         eval_keys = {m.index: m.key for m in eval_measured}

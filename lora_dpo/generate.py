@@ -16,7 +16,10 @@ from .model import reference_model
 
 
 @contextlib.contextmanager
-def _eval_mode(model):
+def eval_mode(model):
+    """Inside this block the model is in eval mode (no dropout: sample the policy itself; and generate() in
+    train mode with gradient checkpointing gives wrong samples: transformers 5.23 switches the KV cache off
+    mid-call); its mode is restored after."""
     was_training = model.training
     model.eval()
     try:
@@ -48,7 +51,7 @@ def generate(
     pad = tokenizer.pad_token_id
     out: list[str] = []
     adapter_ctx = contextlib.nullcontext() if adapter else reference_model(model)
-    with _eval_mode(model), adapter_ctx, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with eval_mode(model), adapter_ctx, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for start in range(0, len(prompts), batch_size):
             encoded = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
@@ -84,7 +87,7 @@ def implicit_rewards(model, tokenizer, prompts: Sequence[Prompt], responses: Seq
         attn[i, : len(p) + len(c)] = 1
         mask[i, len(p) : len(p) + len(c)] = True
     ids, attn, mask = ids.to(device), attn.to(device), mask.to(device)
-    with _eval_mode(model):
+    with eval_mode(model):
         policy = sequence_logps(model, ids, attn, mask).sums
         with reference_model(model):
             reference = sequence_logps(model, ids, attn, mask).sums

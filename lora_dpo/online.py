@@ -14,7 +14,6 @@ A judge is named by a spec string (the recipe key `online.judge`):
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import math
 import numbers
@@ -24,6 +23,7 @@ from typing import Callable, Sequence
 import torch
 
 from .data import EncodedPair, Prompt, encode_prompt, render_prompt
+from .generate import eval_mode
 from .errors import ConfigError, first_line
 from .toy import MAX_SENTENCES, is_grammatical, sentiment_score
 
@@ -248,18 +248,6 @@ def prompt_ids(tokenizer, prompt: Prompt, max_prompt_length: int | None = None) 
     return head + ids[len(ids) - (max_prompt_length - len(head)) :]
 
 
-@contextlib.contextmanager
-def _eval_mode(model):
-    was_training = model.training
-    # sample from the policy itself, without LoRA dropout; and generate() in train mode with gradient
-    # checkpointing gave wrong samples on the toy model (transformers 5.23 switches the KV cache off mid-call)
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 @torch.no_grad()
 def sample_completions(
     model,
@@ -312,7 +300,7 @@ def sample_completions(
         sampling = dict(do_sample=False)
     samples: list[Sample] = []
     cuda = [device] if device.type == "cuda" else []
-    with _eval_mode(model), torch.random.fork_rng(devices=cuda):
+    with eval_mode(model), torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]

@@ -24,7 +24,7 @@ import torch
 
 from .completions import EncodedExample, collate_completions
 from .data import encode_completion, encode_prompt
-from .generate import generate
+from .generate import eval_mode, generate
 from .logps import sequence_logps
 from .model import reference_model
 
@@ -43,9 +43,7 @@ def sampled_kl(model, tokenizer, prompts: list, texts: list[str], batch_size: in
     num = den = 0.0
     examples = [EncodedExample(i, p, encode_prompt(tokenizer, p), encode_completion(tokenizer, t), True)
                 for i, (p, t) in enumerate(zip(prompts, texts))]
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for start in range(0, len(examples), batch_size):
             b = {k: v.to(device) for k, v in collate_completions(examples[start : start + batch_size],
                                                                   tokenizer.pad_token_id).items()}
@@ -54,8 +52,6 @@ def sampled_kl(model, tokenizer, prompts: list, texts: list[str], batch_size: in
                 ref = sequence_logps(model, b["input_ids"], b["attention_mask"], b["loss_mask"])
             num += float((policy.sums - ref.sums).sum())
             den += float(policy.counts.sum())
-    finally:
-        model.train(was_training)
     return num / den if den else 0.0
 
 
