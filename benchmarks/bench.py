@@ -59,6 +59,12 @@ ARCHS = {
                          num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                          max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
                          tie_word_embeddings=True),
+    # Qwen/Qwen2.5-0.5B's dimensions on the Llama architecture (no q/k/v biases, 0.1% of its weights): transformers
+    # 5.23 loads a Qwen2Tokenizer for any `qwen2` folder, which reads the word-level vocabulary as no tokens
+    "qwen2.5-0.5b-as-llama": dict(arch="llama", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                                  num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                                  max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                                  tie_word_embeddings=True),
 }
 
 # model, pairs, prompt tokens [lo, hi], completion tokens [lo, hi] (EOS included), batch, compute dtype
@@ -70,6 +76,8 @@ WORKLOADS = {
     "mem-8b": dict(model="llama-3.1-8b", pairs=8, prompt=(1024, 1024), completion=(1024, 1024), batch=1, dtype="bf16"),
     "mem-qwen-0.5b": dict(model="qwen2.5-0.5b", pairs=8, prompt=(2048, 2048), completion=(2048, 2048), batch=1,
                           dtype="bf16"),
+    "mem-qwen-0.5b-as-llama": dict(model="qwen2.5-0.5b-as-llama", pairs=8, prompt=(2048, 2048),
+                                   completion=(2048, 2048), batch=1, dtype="bf16"),
 }
 
 SEED = 42
