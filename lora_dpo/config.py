@@ -335,13 +335,18 @@ def _with_base(tree: dict, path: Path, seen: tuple = ()) -> dict:
         raise ConfigError(f"recipe {path}: base: {base} includes itself")
     if not base_path.is_file():
         raise ConfigError(f"recipe {path}: base: no such file {base_path}")
+    return _merge(_with_base(_read_yaml(base_path), base_path, seen + (path.resolve(),)), tree)
+
+
+def _read_yaml(path: Path) -> dict:
+    """A recipe file's top-level mapping, floats written as 5e-5 read as numbers; ConfigError naming the file."""
     try:
-        loaded = yaml.safe_load(base_path.read_text()) or {}
+        loaded = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"recipe {base_path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"recipe {path}: not valid YAML: {exc}") from None
     if not isinstance(loaded, dict):
-        raise ConfigError(f"recipe {base_path}: expected a mapping of keys at the top level")
-    return _merge(_with_base(_fix_yaml_floats(loaded), base_path, seen + (path.resolve(),)), tree)
+        raise ConfigError(f"recipe {path}: expected a mapping of keys at the top level")
+    return _fix_yaml_floats(loaded)
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> Recipe:
@@ -351,13 +356,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), base: dict |
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"recipe {path}: no such file")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"recipe {path}: not valid YAML: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"recipe {path}: expected a mapping of keys at the top level")
-        tree = _with_base(_fix_yaml_floats(loaded), path)
+        tree = _with_base(_read_yaml(path), path)
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(tree, key, value)
     recipe = _build(Recipe, tree, "")

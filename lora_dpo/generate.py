@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 import torch
 
 from .data import Prompt, encode_completion, encode_prompt
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 from .logps import sequence_logps
 from .model import reference_model
 
@@ -94,15 +94,21 @@ def implicit_rewards(model, tokenizer, prompts: Sequence[Prompt], responses: Seq
     return (beta * (policy - reference)).tolist()
 
 
-def load_scorer(spec: str) -> Callable[[str], float]:
-    """`module:function` -> the function; a bad spec is a ConfigError naming `eval.scorer`."""
+def import_callable(spec: str, key: str, expected: str = "'module:function'") -> Callable:
+    """`module:function` -> the function. A bad spec, a failed import or something not callable is one
+    ConfigError naming the recipe `key` (and, for a bad spec, what `expected` it to be)."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise ConfigError(f"eval.scorer: expected 'module:function', got {spec!r}")
+        raise ConfigError(f"{key}: expected {expected}, got {spec!r}")
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"eval.scorer: cannot import {spec!r}: {exc}") from None
+        raise ConfigError(f"{key}: cannot import {spec!r}: {first_line(exc)}") from None
     if not callable(fn):
-        raise ConfigError(f"eval.scorer: {spec!r} is not callable")
+        raise ConfigError(f"{key}: {spec!r} is not callable")
     return fn
+
+
+def load_scorer(spec: str) -> Callable[[str], float]:
+    """The recipe's `eval.scorer` (`module:function`, text -> float)."""
+    return import_callable(spec, "eval.scorer")

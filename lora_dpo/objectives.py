@@ -125,8 +125,7 @@ class PreferenceObjective(Objective):
         super().__init__(recipe, tokenizer)
         self.uses_reference = recipe.loss.name not in REFERENCE_FREE
         self.train, self.eval, self.report = data or self._build(recipe.data)
-        if recipe.eval.max_pairs:
-            self.eval = self.eval[: recipe.eval.max_pairs]
+        self.eval = self.eval[: recipe.eval.max_pairs or None]
         self.ref_train: torch.Tensor | None = None
         self.ref_eval: torch.Tensor | None = None
         self.collate_fn = collate_for(recipe.train.shared_prompt)  # plain [prompt+chosen; prompt+rejected] or shared rows
@@ -229,8 +228,7 @@ class KTOObjective(Objective):
     def __init__(self, recipe: Recipe, tokenizer):
         super().__init__(recipe, tokenizer)
         self.train, self.eval, self.report = self._build(recipe.data)
-        if recipe.eval.max_pairs:
-            self.eval = self.eval[: recipe.eval.max_pairs]
+        self.eval = self.eval[: recipe.eval.max_pairs or None]
         self.ref_train = self.ref_eval = None
 
     def _build(self, cfg) -> tuple:
@@ -313,8 +311,7 @@ class SFTObjective(Objective):
         super().__init__(recipe, tokenizer)
         self.train, self.eval, self.report = build_completion_datasets(recipe.data, tokenizer, recipe.train.seed,
                                                                       labelled=False)
-        if recipe.eval.max_pairs:
-            self.eval = self.eval[: recipe.eval.max_pairs]
+        self.eval = self.eval[: recipe.eval.max_pairs or None]
 
     def loss(self, model, positions, stats, device):
         return self._nll(model, [self.train[i] for i in positions], stats, device)

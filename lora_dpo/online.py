@@ -14,7 +14,6 @@ A judge is named by a spec string (the recipe key `online.judge`):
 
 from __future__ import annotations
 
-import importlib
 import math
 import numbers
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from typing import Callable, Sequence
 import torch
 
 from .data import EncodedPair, Prompt, encode_prompt, render_prompt
-from .generate import eval_mode
+from .generate import eval_mode, import_callable
 from .errors import ConfigError, first_line
 from .toy import MAX_SENTENCES, is_grammatical, sentiment_score
 
@@ -34,6 +33,7 @@ __all__ = [
 
 KEY = "online.judge"  # the recipe key every judge error names
 REWARD_MODEL_PREFIX = "reward_model:"
+SPEC_FORMS = f"'toy', '{REWARD_MODEL_PREFIX}PATH_OR_HUB_ID' or 'module:function'"  # for the error messages
 # A grammatical toy review has at most MAX_SENTENCES adjectives, so its sentiment_score is at least
 # -MAX_SENTENCES; broken text scores below that.
 UNGRAMMATICAL_SCORE = -float(MAX_SENTENCES + 1)
@@ -156,26 +156,6 @@ class RewardModelJudge(Judge):
         return out
 
 
-def _split_callable_spec(spec: str) -> tuple[str, str]:
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ConfigError(
-            f"{KEY}: expected 'toy', '{REWARD_MODEL_PREFIX}PATH_OR_HUB_ID' or 'module:function', got {spec!r}"
-        )
-    return module_name, attr
-
-
-def _import_callable(spec: str) -> Callable:
-    module_name, attr = _split_callable_spec(spec)
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"{KEY}: cannot import {spec!r}: {first_line(exc)}") from None
-    if not callable(fn):
-        raise ConfigError(f"{KEY}: {spec!r} is not callable")
-    return fn
-
-
 def check_judge_spec(spec: str) -> None:
     """Validate a spec without loading a model, so a bad recipe fails before anything loads: the syntax,
     and for `module:function` the import. Raises ConfigError naming `online.judge`."""
@@ -187,7 +167,7 @@ def check_judge_spec(spec: str) -> None:
         if not spec[len(REWARD_MODEL_PREFIX) :]:
             raise ConfigError(f"{KEY}: '{REWARD_MODEL_PREFIX}' needs a local folder or a Hub id after it")
         return
-    _import_callable(spec)
+    import_callable(spec, KEY, SPEC_FORMS)
 
 
 def _default_device() -> torch.device:
@@ -224,7 +204,7 @@ def load_judge(spec: str, device: torch.device | str | None = None, batch_size: 
     if spec.startswith(REWARD_MODEL_PREFIX):
         device = torch.device(device) if device is not None else _default_device()
         return _load_reward_model(spec[len(REWARD_MODEL_PREFIX) :], device, batch_size)
-    return CallableJudge(_import_callable(spec), name=spec)
+    return CallableJudge(import_callable(spec, KEY, SPEC_FORMS), name=spec)
 
 
 # ------------------------------------------------------------------------------------------------ sampling
