@@ -92,6 +92,8 @@ class TrainConfig:
     shared_prompt: bool = False  # one row per pair, [prompt | chosen | rejected] with a 4D mask: the prompt is encoded once (needs sdpa or eager attention; pairs only: SFT and KTO examples are one sequence anyway)
     group_by_length: bool = False  # steps of similar-length pairs (still exactly the global batch each): less padding (grouping.py; pairs only)
     activation_offload: bool = False  # keep the activations saved for backward in CPU memory: less GPU memory, more PCIe traffic (offload.py)
+    embeddings_on_cpu: bool = False  # keep the input embedding table in CPU memory (1 GB of an 8B Llama in bf16); no effect when the head shares it (offload.py)
+    mlp_chunks: int = 1  # run each MLP over this many slices of tokens: its intermediates are held one slice at a time in backward, for one more MLP forward per step (tiling.py)
     log_every: int = 1  # optimizer steps between metrics.jsonl rows
     eval_every: Optional[int] = None  # optimizer steps between evaluations; None: only at the end
     seed: int = 42  # seeds python, numpy and torch; CPU runs are deterministic for a given seed
@@ -157,6 +159,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "loss.kl_every": (lambda v: v >= 1, ">= 1"),
     "loss.kl_prompts": (lambda v: v >= 1, ">= 1"),
     "train.rounds": (lambda v: v >= 1, ">= 1"),
+    "train.mlp_chunks": (lambda v: v >= 1, ">= 1"),
     "eval.min_diversity": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "online.samples": (lambda v: v >= 2, ">= 2"),
     "online.max_new_tokens": (lambda v: v >= 1, ">= 1"),

@@ -1,29 +1,31 @@
 """`lora-dpo plan RECIPE --gpu-memory 8GB`: predict a recipe's peak GPU memory and propose settings that fit.
 
 The prediction is a memory model built from the model's configuration (AutoConfig: a Hub id or a local
-folder; no weights are read) and the recipe. Its terms, in bytes (s: bytes per element of the compute dtype,
-tokens: the worst batch, every sequence at max_length, 2 x batch_size x max_length):
+folder; no weights are read), the recipe and the lengths of its training pairs (tokenised as `train` would; or
+every sequence at max_length with `--lengths max`, or when the data cannot be read). Its terms, in bytes (s:
+bytes per element of the compute dtype; tokens: rows x width of the worst batch, the batch_size widest pairs):
 
     base weights       linear layers in 4-bit NF4: 0.5 byte per weight plus the quantisation state
                        (an 8-bit absmax per 64 weights and an fp32 one per 256 blocks with double quantisation,
                        an fp32 absmax per 64 without); 16-bit (s) without quantisation
-    embeddings, head   vocab x hidden x s each (one when tied); bitsandbytes keeps them in 16 bits
+    embeddings, head   vocab x hidden x s each (one when tied, or with the table in CPU memory); bitsandbytes
+                       keeps them in 16 bits
     adapter            LoRA weights and gradients in fp32 (peft upcasts them), 8 bytes per parameter
     optimizer          AdamW: two fp32 moments (8 bytes per parameter); paged 8-bit AdamW: 2
-    checkpointed acts  layers x tokens x hidden x s: each layer's input, kept for backward
+    checkpointed acts  layers x tokens x hidden x s: each layer's input, kept for backward (0 when offloaded)
     layer recompute    tokens x (one layer's saved activations + its gradients): backward recomputes one
-                       layer at a time
-    log-prob head      one chunk of float32 logits (logps.LOGITS_BUDGET_BYTES, whatever the vocabulary), the
-                       exp() temporary of its log-softmax, its gradient, the head's output in s; the gathered
-                       completion hidden states
+                       layer at a time; a tiled MLP holds one slice of its intermediates
+    log-prob head      4 x one chunk of float32 logits (logps.LOGITS_BUDGET_BYTES, whatever the vocabulary): the
+                       logits, the exp() temporary of the log-softmax, its gradient, the 16-bit head output and
+                       its gradient; the gathered completion hidden states
     dequantised weight the largest linear layer in s, twice (forward and backward), made per matmul
-    attention mask     shared-prompt rows only: batch x width^2 booleans
+    attention mask     shared-prompt rows only: rows x width^2 booleans
 
-`allocated` is what `torch.cuda.max_memory_allocated` would report; the device total adds the CUDA context and
+The head's chunks and the decoder's backward never hold their transients at once, so the peak counts the
+larger of the two phases (PHASES) on top of the other terms. `allocated` is what
+`torch.cuda.max_memory_allocated` would report; the device total adds the CUDA context and
 the caching allocator's slack (CONTEXT_BYTES, ALLOCATOR_SLACK). Every term is a formula here, not a
-measurement. Checked on an H100 (benchmarks/RESULTS.md): Llama-3.1-8B architecture, pairs of 2 x 2048 tokens,
-predicted within 7% of `max_memory_allocated` (+6.5%, and -5.6% with activation offload); on data shorter
-than max_length it over-predicts (+26% on the gpu-1b workload), because it sizes the worst batch.
+measurement; benchmarks/RESULTS.md and tests/test_plan.py hold its checks against measured peaks.
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ def load_shape(model_cfg) -> Shape:
 
 @dataclass(frozen=True)
 class Setting:
-    """The recipe keys the memory model reads (and the planner may change)."""
+    """The recipe keys the memory model reads (and the planner may change), and the data's pair widths."""
 
     batch_size: int
     grad_accum: int
@@ -108,15 +110,38 @@ class Setting:
     lora_dropout: float
     optimizer: str
     eager_attention: bool
+    autocast: bool = True  # 16-bit autocast (what a GPU recipe runs with): peft then makes no fp32 input copies
+    embeddings_on_cpu: bool = False
+    mlp_chunks: int = 1
+    # (plain width, shared width, completion tokens) of each training pair after truncation: prompt + the longer
+    # reply, prompt + both replies, both replies; None: every sequence at max_length (no data, or data not read)
+    widths: tuple[tuple[int, int, int], ...] | None = None
 
     @classmethod
-    def of(cls, recipe) -> "Setting":
+    def of(cls, recipe, widths=None) -> "Setting":
         t, m = recipe.train, recipe.model
+        autocast = t.mixed_precision in ("bf16", "fp16") or (t.mixed_precision == "auto" and m.dtype != "fp32")
         return cls(batch_size=t.batch_size, grad_accum=t.grad_accum, max_length=recipe.data.max_length,
                    dtype_bytes=_DTYPE_BYTES[m.dtype], quantization=m.quantization, double_quant=m.double_quant,
                    gradient_checkpointing=m.gradient_checkpointing, activation_offload=t.activation_offload,
                    shared_prompt=t.shared_prompt, lora_r=recipe.lora.r, lora_dropout=recipe.lora.dropout,
-                   optimizer=t.optimizer, eager_attention=(m.attn_implementation == "eager"))
+                   optimizer=t.optimizer, eager_attention=(m.attn_implementation == "eager"), autocast=autocast,
+                   embeddings_on_cpu=t.embeddings_on_cpu, mlp_chunks=t.mlp_chunks,
+                   widths=None if widths is None else tuple(widths))
+
+
+def worst_batch(s: Setting) -> tuple[int, int, int]:
+    """(rows, width, completion tokens) of the largest batch: the batch_size widest pairs together (length
+    grouping puts them in one step; a shuffled order may). Two rows per pair, each prompt + the longer reply
+    (plain), or one row per pair, [prompt | chosen | rejected] (shared). Without data every sequence is
+    max_length tokens, all of them scored; a max_length below the data's (a proposal) caps each sequence."""
+    rows = s.batch_size if s.shared_prompt else 2 * s.batch_size
+    cap = 2 * s.max_length if s.shared_prompt else s.max_length
+    if not s.widths:
+        return rows, cap, rows * cap
+    widest = sorted(s.widths, key=lambda w: w[1] if s.shared_prompt else w[0], reverse=True)[: s.batch_size]
+    width = min(cap, widest[0][1] if s.shared_prompt else widest[0][0])
+    return rows, width, min(rows * width, sum(w[2] for w in widest))
 
 
 # Measured on a CPU (tests/test_plan.py): the structural count below overestimates the bytes autograd keeps by
@@ -124,24 +149,32 @@ class Setting:
 SHARED_STORAGE = 0.85
 
 
-def layer_activation_bytes(shape: Shape, e: int, lora_dropout: float = 0.0) -> float:
-    """Bytes per token that one decoder layer (4-bit linears with LoRA) keeps for backward, without
-    checkpointing; e: bytes per element of the compute dtype.
+def layer_activation_parts(shape: Shape, e: int, lora_dropout: float = 0.0, autocast: bool = False) -> tuple[float, float]:
+    """(attention part, MLP part) of the bytes per token that one decoder layer (4-bit linears with LoRA) keeps
+    for backward, without checkpointing; e: bytes per element of the compute dtype.
 
     Two RMSNorms (their normalised output, 2h); attention: q, k, v, the rotary outputs and rotate_half
     temporaries, k and v repeated to every head for SDPA, its output and the o_proj input (7q + 4kv); MLP:
-    gate, up, activation, product (4I). peft keeps LoRA weights in fp32 and casts each LoRA input to fp32, a
-    copy per adapted layer when the compute dtype is 16-bit (q, k, v, gate and up read the normed h, o reads q,
-    down reads I); LoRA dropout keeps its output and mask."""
+    gate, up, activation, product (4I). peft keeps LoRA weights in fp32 and, outside autocast, casts each LoRA
+    input to fp32: a copy per adapted layer when the compute dtype is 16-bit (q, k, v, gate and up read the
+    normed h, o reads q, down reads I); LoRA dropout keeps its output and mask."""
     h, i, q = shape.hidden, shape.intermediate, shape.heads * shape.head_dim
     kv = shape.kv_heads * shape.head_dim
-    lora_inputs = 5 * h + q + i
-    total = e * (2 * h + 7 * q + 4 * kv + 4 * i)
+    attn_inputs, mlp_inputs = 3 * h + q, 2 * h + i
+    attn, mlp = e * (2 * h + 7 * q + 4 * kv), e * 4 * i
+    dropout = (5 * attn_inputs, 5 * mlp_inputs) if lora_dropout > 0 else (0, 0)
+    if autocast and e != 4:
+        # measured under autocast (tests/test_plan.py): no storage is shared, and both RMSNorms keep their
+        # input in fp32 (8h)
+        return attn + 8 * h + dropout[0], mlp + dropout[1]
     if e != 4:
-        total += 4 * lora_inputs
-    if lora_dropout > 0:
-        total += 5 * lora_inputs
-    return SHARED_STORAGE * total
+        attn, mlp = attn + 4 * attn_inputs, mlp + 4 * mlp_inputs
+    return SHARED_STORAGE * (attn + dropout[0]), SHARED_STORAGE * (mlp + dropout[1])
+
+
+def layer_activation_bytes(shape: Shape, e: int, lora_dropout: float = 0.0, autocast: bool = False) -> float:
+    """Bytes per token one decoder layer keeps for backward, without checkpointing (layer_activation_parts)."""
+    return sum(layer_activation_parts(shape, e, lora_dropout, autocast))
 
 
 def estimate(shape: Shape, s: Setting) -> dict[str, int]:
@@ -153,68 +186,96 @@ def estimate(shape: Shape, s: Setting) -> dict[str, int]:
     else:
         per_weight = e
     lora = shape.layers * s.lora_r * sum(i + o for i, o in shape.linear_shapes)
-    tokens = 2 * s.batch_size * s.max_length
+    rows, width, scored = worst_batch(s)
+    tokens = rows * width
     h, inter = shape.hidden, shape.intermediate
-    layer = layer_activation_bytes(shape, e, s.lora_dropout)
-    layer_grads = e * (2 * h + 2 * inter)  # gradients flowing through the layer being recomputed
+    attn, mlp = layer_activation_parts(shape, e, s.lora_dropout, s.autocast)
+    # a tiled MLP keeps only its slices' inputs (views) for backward and holds one slice's intermediates at a time
+    chunks = max(1, s.mlp_chunks)
+    held_mlp, slice_mlp = (mlp, 0.0) if chunks == 1 else (0.0, mlp / chunks)
+    layer_grads = e * (2 * h + 2 * inter / chunks)  # gradients flowing through the layer being recomputed
+    tables = 1 if shape.tied or s.embeddings_on_cpu else 2  # a tied table is the head's: it stays on the device
     out = {
         "base weights": round(linear * per_weight),
-        "embeddings and head": shape.vocab * h * e * (1 if shape.tied else 2),
+        "embeddings and head": shape.vocab * h * e * tables,
         "adapter weights and grads": lora * 8,
         "optimizer states": lora * (2 if s.optimizer == "paged_adamw_8bit" else 8),
     }
     if s.gradient_checkpointing:
         out["checkpointed activations"] = 0 if s.activation_offload else shape.layers * tokens * h * e
-        out["layer recompute"] = round(tokens * (layer + layer_grads))
+        out["layer recompute"] = round(tokens * (attn + held_mlp + slice_mlp + layer_grads))
     else:
-        out["activations"] = 0 if s.activation_offload else round(shape.layers * tokens * layer)
-        out["layer recompute"] = tokens * layer_grads
+        out["activations"] = 0 if s.activation_offload else round(shape.layers * tokens * (attn + held_mlp))
+        out["layer recompute"] = round(tokens * (slice_mlp + layer_grads))
     if s.eager_attention:  # eager attention materialises scores and probabilities per head
-        rows = s.batch_size if s.shared_prompt else 2 * s.batch_size
-        width = 2 * s.max_length if s.shared_prompt else s.max_length
         out["attention scores"] = rows * shape.heads * width * width * e * 2
-    # one chunk of fp32 logits, the exp() temporary of its log-softmax and, in backward, its gradient (3 x fp32),
-    # plus the head's output in the compute dtype; a chunk never exceeds the budget, nor the batch's tokens
-    logits = min(LOGITS_BUDGET_BYTES, tokens * shape.vocab * 4)
-    out["log-prob head"] = round(logits * (3 + e / 4)) + tokens * h * e
+    # one chunk of fp32 logits at its peak, measured 4x the chunk's fp32 logits in fp32 and in bf16 (the logits, the
+    # exp() temporary of the log-softmax, its gradient, and in 16 bits the head's output and its gradient); a
+    # chunk never exceeds the budget, nor the batch's scored (completion) tokens; and the hidden states gathered
+    # at those tokens
+    logits = min(LOGITS_BUDGET_BYTES, scored * shape.vocab * 4)
+    out["log-prob head"] = round(logits * 4) + scored * h * e
     out["dequantised weight"] = 2 * max(i * o for i, o in shape.linear_shapes) * e if s.quantization == "nf4" else 0
     if s.shared_prompt:
-        out["attention mask"] = s.batch_size * (2 * s.max_length) ** 2
+        out["attention mask"] = rows * width * width
     return out
+
+
+# Transients that never coexist: the output head's chunks run and free before backward reaches the decoder, whose
+# layers are then recomputed one at a time. The peak holds the larger of the two phases, on top of the rest.
+PHASES = ({"log-prob head"}, {"layer recompute", "dequantised weight", "attention scores"})
+
+
+def peak_of(terms: dict[str, int]) -> int:
+    """The allocated peak of an `estimate`: every term that lives through the step, plus the larger phase."""
+    phased = set().union(*PHASES)
+    return (sum(v for k, v in terms.items() if k not in phased)
+            + max(sum(terms.get(k, 0) for k in phase) for phase in PHASES))
 
 
 def device_total(allocated: int) -> int:
     return int(allocated * (1 + ALLOCATOR_SLACK)) + CONTEXT_BYTES
 
 
+# Memory levers in the order the planner reaches for them, cheapest in time first: the embedding table in CPU
+# memory (a copy of [tokens, hidden] per step), gradient checkpointing (one more forward), a tiled MLP (one more
+# MLP forward), activation offload (two PCIe copies of every checkpoint). Each adds to the ones before it.
+LEVERS = ({"embeddings_on_cpu": True}, {"gradient_checkpointing": True}, {"mlp_chunks": 4},
+          {"activation_offload": True})
+
+
 def candidates(s: Setting):
     """Settings to try, fastest first: the recipe's max_length before shorter ones; its own options before
-    gradient checkpointing, then activation offload; larger batches first (grad_accum raised so that each
-    step keeps at least its pairs)."""
+    the levers (LEVERS, one more at a time); larger batches first (grad_accum raised so that each step keeps
+    at least its pairs)."""
     pairs = s.batch_size * s.grad_accum
     lengths = [s.max_length] + [n for n in (s.max_length * 3 // 4, s.max_length // 2, s.max_length // 4) if n >= 64]
     batches = sorted({s.batch_size} | {b for b in (8, 4, 2, 1) if b < s.batch_size}, reverse=True)
-    options = [(s.gradient_checkpointing, s.activation_offload)]
-    options += [o for o in ((True, False), (True, True)) if o not in options and o >= options[0]]
+    options, current = [s], s
+    for lever in LEVERS:
+        lever = {k: max(v, getattr(current, k)) for k, v in lever.items()}  # never undo what the recipe has
+        nxt = replace(current, **lever)
+        if nxt != current:
+            options.append(nxt)
+            current = nxt
     for length in lengths:
-        for checkpointing, offload in options:
+        for option in options:
             for b in batches:
-                yield replace(s, batch_size=b, grad_accum=math.ceil(pairs / b), max_length=length,
-                              gradient_checkpointing=checkpointing, activation_offload=offload)
+                yield replace(option, batch_size=b, grad_accum=math.ceil(pairs / b), max_length=length)
 
 
 def propose(shape: Shape, s: Setting, budget: int) -> Setting | None:
     """The first candidate whose predicted device total fits `budget` bytes, or None."""
     for c in candidates(s):
-        if device_total(sum(estimate(shape, c).values())) <= budget:
+        if device_total(peak_of(estimate(shape, c))) <= budget:
             return c
     return None
 
 
 def overrides(before: Setting, after: Setting) -> list[str]:
     keys = [("batch_size", "train.batch_size"), ("grad_accum", "train.grad_accum"), ("max_length", "data.max_length"),
-            ("activation_offload", "train.activation_offload"),
-            ("gradient_checkpointing", "model.gradient_checkpointing")]
+            ("gradient_checkpointing", "model.gradient_checkpointing"), ("embeddings_on_cpu", "train.embeddings_on_cpu"),
+            ("mlp_chunks", "train.mlp_chunks"), ("activation_offload", "train.activation_offload")]
     out = []
     for attr, key in keys:
         a, b = getattr(before, attr), getattr(after, attr)
@@ -235,28 +296,55 @@ def parse_memory(text: str) -> int:
     return int(float(m.group(1)) * (2**20 if unit.startswith("m") else GiB))
 
 
-def plan(recipe, gpu_memory: int) -> dict:
-    """The prediction for the recipe as written and the proposal (None when nothing fits)."""
+def pair_widths(recipe) -> tuple[list[tuple[int, int]] | None, str]:
+    """Each training pair's (plain, shared) width, tokenised and truncated exactly as `train` would, and a line
+    saying where the lengths come from. (None, why) when the data cannot be read or is not preference pairs."""
+    from .errors import UserError
+    from .grouping import row_length
+
+    if recipe.stage != "dpo" or recipe.loss.name == "kto" or recipe.online.enabled:
+        return None, "lengths: every sequence at max_length (data lengths are read for offline preference pairs only)"
+    try:
+        from .data import build_datasets
+        from .model import load_tokenizer
+
+        pairs, _, _ = build_datasets(recipe.data, load_tokenizer(recipe.model), recipe.train.seed)
+    except UserError as exc:
+        return None, f"lengths: every sequence at max_length (the data was not read: {first_line(exc)})"
+    widths = [(row_length(p, False), row_length(p, True), len(p.chosen_ids) + len(p.rejected_ids)) for p in pairs]
+    return widths, f"lengths: the {recipe.train.batch_size} widest of the {len(widths)} training pairs in {recipe.data.train}"
+
+
+def plan(recipe, gpu_memory: int, lengths: str = "data") -> dict:
+    """The prediction for the recipe as written and the proposal (None when nothing fits). lengths: `data` sizes
+    the worst batch from the training pairs when they can be read, `max` at max_length."""
     shape = load_shape(recipe.model)
-    setting = Setting.of(recipe)
+    widths, source = pair_widths(recipe) if lengths == "data" else (None, "lengths: every sequence at max_length")
+    setting = Setting.of(recipe, widths)
     terms = estimate(shape, setting)
-    allocated = sum(terms.values())
+    allocated = peak_of(terms)
     chosen = propose(shape, setting, gpu_memory)
+    rows, width, _ = worst_batch(setting)
     return {
-        "shape": shape.__dict__, "gpu_memory": gpu_memory, "terms": terms, "allocated": allocated,
+        "shape": shape.__dict__, "gpu_memory": gpu_memory, "lengths": source, "worst_batch": [rows, width],
+        "terms": terms, "allocated": allocated,
         "device_total": device_total(allocated), "fits": device_total(allocated) <= gpu_memory,
         "proposal": None if chosen is None else overrides(setting, chosen),
-        "proposal_total": None if chosen is None else device_total(sum(estimate(shape, chosen).values())),
+        "proposal_total": None if chosen is None else device_total(peak_of(estimate(shape, chosen))),
     }
 
 
 def format_plan(result: dict, recipe_path: str) -> str:
     gb = lambda b: f"{b / GiB:6.2f} GiB"
     sh = result["shape"]
+    rows, width = result["worst_batch"]
     lines = [f"model: {sh['layers']} layers, hidden {sh['hidden']}, vocab {sh['vocab']}; "
              f"GPU memory {result['gpu_memory'] / GiB:.2f} GiB",
-             "predicted peak (torch.cuda.max_memory_allocated), the worst batch (every sequence at max_length):"]
-    lines += [f"  {name:<28}{gb(v)}" for name, v in result["terms"].items()]
+             f"{result['lengths']}: the worst batch is {rows} rows x {width} tokens",
+             "predicted peak (torch.cuda.max_memory_allocated):"]
+    phased = set().union(*PHASES)
+    lines += [f"  {name:<28}{gb(v)}{'  (one phase: the larger counts)' if name in phased else ''}"
+              for name, v in result["terms"].items()]
     lines += [f"  {'allocated peak':<28}{gb(result['allocated'])}",
               f"  {'+ CUDA context, slack':<28}{gb(result['device_total'] - result['allocated'])}",
               f"  {'device total':<28}{gb(result['device_total'])}  "
@@ -266,8 +354,7 @@ def format_plan(result: dict, recipe_path: str) -> str:
     elif result["proposal"]:
         lines.append(f"proposal ({gb(result['proposal_total']).strip()} predicted): "
                      f"lora-dpo train {recipe_path} {' '.join(result['proposal'])}")
-    lines.append("note: a model of memory, not a measurement: within 7% of the measured peak for an 8B model at fixed lengths "
-                 "(benchmarks/RESULTS.md); it sizes every sequence at max_length, so shorter data peaks lower")
+    lines.append("note: a model of memory, not a measurement (benchmarks/RESULTS.md has its checks against measured peaks)")
     return "\n".join(lines)
 
 
@@ -279,6 +366,9 @@ def add_parser(sub) -> None:
     p.add_argument("recipe", help="path to a YAML recipe")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. data.max_length=2048")
     p.add_argument("--gpu-memory", required=True, metavar="SIZE", help="the GPU's memory, e.g. 8GB, 24GiB, 6144MB")
+    p.add_argument("--lengths", choices=("data", "max"), default="data",
+                   help="size the worst batch from the training data's pairs (default; falls back to max_length when "
+                        "the data cannot be read) or with every sequence at max_length")
     p.add_argument("--json", action="store_true", help="print the prediction as JSON")
 
 
@@ -287,7 +377,7 @@ def run(args: argparse.Namespace) -> int:
 
     budget = parse_memory(args.gpu_memory)
     recipe = load_recipe(args.recipe, args.overrides)
-    result = plan(recipe, budget)
+    result = plan(recipe, budget, args.lengths)
     print(json.dumps(result, indent=2) if args.json else format_plan(result, args.recipe))
     if result["proposal"] is None:
         raise ConfigError(f"--gpu-memory: nothing fits in {budget / GiB:.2f} GiB, even at batch 1 with activation "

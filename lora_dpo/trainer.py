@@ -37,10 +37,11 @@ from .model import (load_policy, load_round_reference, load_tokenizer, resolve_a
                     trainable_parameters)
 from .grouping import training_stream
 from .objectives import make_objective
-from .offload import activation_offload
+from .offload import activation_offload, embeddings_on_cpu
 from .probes import AdaptiveBeta, Sampler, measure_kl
 from .refcache import adapter_fingerprint
 from .shared_prompt import check_attention
+from .tiling import tile_mlps
 from .stopping import Interrupted, StopRequest
 
 
@@ -128,9 +129,13 @@ def train(recipe: Recipe) -> dict:
     main, rank = accelerator.is_main_process, accelerator.process_index
     sharded = is_sharded(accelerator)
     configure_deepspeed(accelerator, t.batch_size, t.max_grad_norm)
+    if t.embeddings_on_cpu and sharded:
+        raise ConfigError("train.embeddings_on_cpu: FSDP and DeepSpeed ZeRO-3 place the weights themselves (each process "
+                          "holds a shard of the table already); set it to false")
     if t.optimizer == "paged_adamw_8bit":
         make_optimizer(recipe, [])  # fail now, not after the model has loaded
     policy = load_policy(recipe.model, recipe.lora, device, sharded, reference_adapter=t.rounds > 1)
+    tile_mlps(policy, t.mlp_chunks)  # (1: as loaded)
     if t.shared_prompt and objective.unit == "pair":
         check_attention(policy)  # the shared-prompt layout needs an attention that takes a 4D mask
     if recipe.model.adapter:
@@ -189,6 +194,10 @@ def train(recipe: Recipe) -> dict:
         objective.beta = controller.beta
     model, optimizer, scheduler = accelerator.prepare(PolicyLogps(policy), optimizer, scheduler)
     policy = policy_of(model)
+    if t.embeddings_on_cpu:  # after prepare(), which places the whole model on the device
+        freed = embeddings_on_cpu(policy, device)
+        log(f"input embeddings in CPU memory: {freed / 2**30:.2f} GiB freed on {device}" if freed else
+            f"notice: train.embeddings_on_cpu has no effect here ({'the device is the CPU' if device.type == 'cpu' else 'the head shares the table'})")
     if t.report_to:
         accelerator.init_trackers("lora-dpo", config=_flat(to_dict(recipe)))
     sampler = Sampler(recipe, tokenizer, objective.prompts("eval"), log)
@@ -384,7 +393,8 @@ class _Discard:
 # The split of the global batch into batch_size x grad_accum x processes may change too: it is checked on its own.
 RESUMABLE_CHANGES = {"resume", "overwrite", "train.epochs", "train.max_steps", "train.eval_every", "train.save_every",
                      "train.keep_last", "train.log_every", "train.report_to", "train.batch_size", "train.grad_accum",
-                     "train.reference_cache", "train.activation_offload"}
+                     "train.reference_cache", "train.activation_offload", "train.embeddings_on_cpu",
+                     "train.mlp_chunks"}
 
 
 def _check_same_recipe(recipe: Recipe, saved_path: Path) -> None:

@@ -58,3 +58,24 @@ def strong_adapter(tmp_path_factory, tiny_qwen2):
 def other_adapter(tmp_path_factory, tiny_qwen2):
     """A second such adapter on the same base, from another seed."""
     return save_random_adapter(tmp_path_factory.mktemp("other-adapter"), tiny_qwen2, seed=1)
+
+
+@pytest.fixture(scope="session")
+def calibration_model(tmp_path_factory):
+    """A 4-layer Llama (hidden 256, MLP 768, vocab 8192) and 8 pairs of 30-200 token prompts and replies."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lora_dpo.data import EncodedPair
+
+    folder = tmp_path_factory.mktemp("calibration")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    g = torch.Generator().manual_seed(1)
+    ids = lambda n: torch.randint(3, 8192, (n,), generator=g).tolist()
+    pairs = []
+    for i in range(8):
+        p, c, r = torch.randint(30, 200, (3,), generator=g).tolist()
+        pairs.append(EncodedPair(index=i, prompt="", prompt_ids=ids(p), chosen_ids=ids(c), rejected_ids=ids(r)))
+    return folder, pairs
