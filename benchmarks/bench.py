@@ -92,6 +92,10 @@ LORA_DPO_VARIANTS = {
     "grouped": ["train.group_by_length=true"],
     "shared+grouped": ["train.shared_prompt=true", "train.group_by_length=true"],
     "offload": ["train.activation_offload=true"],  # moves saved activations to the CPU: a GPU lever
+    "tiled": ["train.mlp_chunks=4"],  # each MLP over 4 slices of tokens: a lower backward peak, one more MLP forward
+    # every memory lever at once, what `lora-dpo plan` reaches for on the smallest GPUs
+    "lean": ["train.shared_prompt=true", "train.group_by_length=true", "train.embeddings_on_cpu=true",
+             "train.mlp_chunks=4", "train.activation_offload=true"],
 }
 DEFAULT_VARIANTS = ("lora-dpo", "shared+grouped")  # the plain defaults and the kept levers; --levers runs all
 
@@ -199,6 +203,14 @@ def run_lora_dpo(job: dict) -> dict:
         "eval": {"scorer": None, "num_prompts": 0},
     }
     recipe = load_recipe(None, job["overrides"], base=base)
+    load = trainer.load_policy
+
+    def marked_load(*args, **kwargs):  # the memory phases: loading the model, then training
+        model = load(*args, **kwargs)
+        MEMORY.mark("train")
+        return model
+
+    trainer.load_policy = marked_load
     ref_s = [0.0]
     compute = PreferenceObjective.prepare  # the reference pre-pass (eval_fraction 0: the training table only)
 
@@ -214,12 +226,9 @@ def run_lora_dpo(job: dict) -> dict:
     row = [r for r in read_metrics(Path(job["out"]) / "metrics.jsonl") if r["split"] == "train"][-1]
     train_s = w["pairs"] / row["pairs_per_s"]  # one window over every step: optimizer steps only
     out = {"train_s": train_s, "ref_s": ref_s[0], "loss": row["loss"], "peak_gb": _peak_memory_gb()}
-    import torch
+    from lora_dpo.plan import plan
 
-    if torch.cuda.is_available():  # what `lora-dpo plan` predicts for this recipe, against the measured peak
-        from lora_dpo.plan import plan
-
-        out["plan_gb"] = plan(recipe, 80 * 2**30)["allocated"] / 1e9
+    out["plan_gb"] = plan(recipe, 80 * 2**30)["allocated"] / 1e9  # what `lora-dpo plan` predicts for training
     return out
 
 
@@ -242,6 +251,7 @@ def run_trl(job: dict) -> dict:
     # the same guard lora-dpo applies: without it, bitsandbytes 0.50 on AVX512-BF16 CPUs silently zeroes the
     # input gradients of a 4-bit layer after its first no-grad eval forward (see lora_dpo/model.py)
     disable_cpu_repacking(model)
+    MEMORY.mark("train")
     tok = AutoTokenizer.from_pretrained(job["model"])
     data = load_dataset("json", data_files=job["data"], split="train")
     precompute = job["contestant"] == "trl-precompute"
@@ -287,15 +297,31 @@ def run_trl(job: dict) -> dict:
             "peak_gb": _peak_memory_gb()}
 
 
+class _NoMemory:
+    def mark(self, name: str) -> None:
+        pass
+
+
+MEMORY = _NoMemory()  # the run's memtrack.Peak when it measures tensor memory
+
+
 def run_job(job_file: str) -> None:
-    """Child process: run one contestant, write its result as JSON."""
+    """Child process: run one contestant, write its result as JSON. With job["memory"], under memtrack: peak
+    tensor memory of the whole run and of its phases (loading the model; training, the reference pass included)."""
+    global MEMORY
     job = json.loads(Path(job_file).read_text())
     import torch
 
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    from lora_dpo.memtrack import peak_memory
+
     fn = run_trl if job["contestant"].startswith("trl") else run_lora_dpo
-    result = fn(job)
+    if not job.get("memory"):
+        result = fn(job)
+    else:
+        with peak_memory("cuda" if torch.cuda.is_available() else "cpu") as MEMORY:
+            result = fn(job)
+        result.update(tensor_peak_gb=MEMORY.bytes / 1e9, load_peak_gb=MEMORY.phases.get("start", 0) / 1e9,
+                      train_peak_gb=MEMORY.phases.get("train", 0) / 1e9)
     Path(job["result"]).write_text(json.dumps(result))
 
 
@@ -334,6 +360,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, help="torch/OpenMP threads per contestant (default: torch's default); "
                     "1 gives steadier figures on a busy machine")
     ap.add_argument("--repeats", type=int, default=1, help="runs per contestant; the fastest is reported")
+    ap.add_argument("--no-tensor-memory", action="store_true",
+                    help="on a CPU, skip the second run per contestant that measures peak tensor memory under the "
+                         "profiler (memtrack; it slows a run, so speed is timed in a run without it)")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "lora-dpo-bench"))
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--_job", help=argparse.SUPPRESS)
@@ -357,14 +386,19 @@ def main(argv=None) -> int:
     print(f"workload {args.workload}: {w['model']}, {n_pairs} pairs, {n_tokens / n_pairs:.0f} tokens per pair, "
           f"batch {w['batch']}, on {device_name()}", file=sys.stderr)
 
+    import torch
+
+    cuda = torch.cuda.is_available()
     results = {}
     for name in contestants:
         best = None
-        for rep in range(args.repeats):
+        # on a GPU the allocator counts for free; on a CPU the profiler does, in a run of its own (the last)
+        runs = [cuda] * args.repeats + ([] if cuda or args.no_tensor_memory else [True])
+        for rep, memory in enumerate(runs):
             with tempfile.TemporaryDirectory(dir=work) as tmp:
                 job = {"contestant": name, "workload": w, "model": str(model_dir), "data": str(data),
                        "overrides": variants.get(name, []), "out": str(Path(tmp) / "run"),
-                       "result": str(Path(tmp) / "result.json")}
+                       "result": str(Path(tmp) / "result.json"), "memory": memory}
                 (Path(tmp) / "job.json").write_text(json.dumps(job))
                 # a fresh datasets cache per run: TRL caches precomputed reference log-probs there
                 env = {**os.environ, "HF_DATASETS_CACHE": str(Path(tmp) / "hf-datasets"), "TQDM_DISABLE": "1",
@@ -380,9 +414,14 @@ def main(argv=None) -> int:
                 r = json.loads((Path(tmp) / "result.json").read_text())
                 r["wall_s"] = time.perf_counter() - t0
                 plan_note = f" (lora-dpo plan predicted {r['plan_gb']:.2f} GB)" if "plan_gb" in r else ""
-                print(f"  {name} run {rep + 1}: train {r['train_s']:.1f}s, reference {r['ref_s']:.1f}s, "
-                      f"peak {r['peak_gb']:.2f} GB{plan_note}, loss {r['loss']:.4f}", file=sys.stderr)
-                if best is None or r["train_s"] < best["train_s"]:
+                tensors = (f", tensors: load {r['load_peak_gb']:.3f} GB, training {r['train_peak_gb']:.3f} GB"
+                           if memory else "")
+                print(f"  {name} run {rep + 1}{' (memory)' if memory and not cuda else ''}: train {r['train_s']:.1f}s, "
+                      f"reference {r['ref_s']:.1f}s, peak {r['peak_gb']:.2f} GB{tensors}{plan_note}, "
+                      f"loss {r['loss']:.4f}", file=sys.stderr)
+                if memory and not cuda and best is not None:  # the profiled run gives memory, not speed
+                    best.update({k: r[k] for k in ("tensor_peak_gb", "load_peak_gb", "train_peak_gb")})
+                elif best is None or r["train_s"] < best["train_s"]:
                     best = r
         if best is not None:
             results[name] = best
@@ -396,18 +435,24 @@ def main(argv=None) -> int:
 
 
 def table(results: dict, pairs: int, tokens: int, workload: str) -> str:
-    """Markdown table: steps only, then with the reference pre-pass where the contestant has one."""
+    """Markdown table: steps only, then with the reference pre-pass where the contestant has one. Memory: peak
+    tensor memory (memtrack) of the whole run and of training alone (the load's transient left out), and
+    the process's peak (GPU: max_memory_allocated, the same as the first; CPU: RSS, libraries included)."""
     base = results.get("trl")
-    lines = [f"| {workload} | pairs/s | tokens/s | peak memory (GB) | pairs/s vs TRL | memory vs TRL |",
-             "|---|---|---|---|---|---|"]
+    ratio = lambda r, key: f"{r[key] / base[key]:.2f}x" if base and base.get(key) and r.get(key) else "-"
+    gb = lambda r, key: f"{r[key]:.3f}" if r.get(key) else "-"
+    lines = [f"| {workload} | pairs/s | tokens/s | tensor peak (GB) | training peak (GB) | plan (GB) | "
+             "process peak (GB) | pairs/s vs TRL | tensor peak vs TRL | training peak vs TRL |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         rows = [(name, r["train_s"])]
         if r["ref_s"] > 0:
             rows.append((f"{name} +ref", r["train_s"] + r["ref_s"]))
         for label, secs in rows:
             speed = f"{(base['train_s'] / secs):.2f}x" if base else "-"
-            mem = f"{r['peak_gb'] / base['peak_gb']:.2f}x" if base else "-"
-            lines.append(f"| {label} | {pairs / secs:.2f} | {tokens / secs:.0f} | {r['peak_gb']:.2f} | {speed} | {mem} |")
+            lines.append(f"| {label} | {pairs / secs:.2f} | {tokens / secs:.0f} | {gb(r, 'tensor_peak_gb')} | "
+                         f"{gb(r, 'train_peak_gb')} | {gb(r, 'plan_gb')} | {r['peak_gb']:.2f} | {speed} | "
+                         f"{ratio(r, 'tensor_peak_gb')} | {ratio(r, 'train_peak_gb')} |")
     return "\n".join(lines)
 
 

@@ -12,34 +12,85 @@ benchmark to compare peak tensor memory on a CPU, and both to check `lora-dpo pl
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 
 @dataclass
 class Peak:
-    bytes: int = 0  # the peak, filled in when the block ends
+    bytes: int = 0  # the peak of the whole block, filled in when the block ends
     device: str = "cpu"
+    phases: dict = field(default_factory=dict)  # name -> peak bytes within that phase (see `mark`)
+    _marks: list = field(default_factory=list)
+    _anchors: dict = field(default_factory=dict)  # CPU: phase -> bytes of the tensors alive when it began
+
+    def mark(self, name: str) -> None:
+        """Start phase `name` here (the block starts in phase "start"): `phases[name]` will be the peak of the
+        bytes alive from this point to the next mark, counting what was alive when it began."""
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.phases[self._marks[-1] if self._marks else "start"] = torch.cuda.max_memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self._anchors[name] = live_tensor_bytes()
+            with torch.profiler.record_function(f"{_MARK}{name}"):
+                pass
+        self._marks.append(name)
 
 
-def _cpu_peak(prof) -> int:
-    """Largest running sum of the profiler's CPU memory events (allocations positive, frees negative)."""
-    events = [e for e in prof.profiler.kineto_results.events()
-              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
-    events.sort(key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
+_MARK = "memtrack:"
+
+
+def live_tensor_bytes() -> int:
+    """Bytes of the distinct CPU storages of every tensor Python can reach (parameters, buffers, quantisation
+    states): what is alive between steps, when autograd holds nothing."""
+    import gc
+    import warnings
+
+    storages = {}
+    with warnings.catch_warnings():  # isinstance() on some deprecated module attributes warns
+        warnings.simplefilter("ignore")
+        for obj in gc.get_objects():
+            try:
+                if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and not obj.is_meta:
+                    st = obj.untyped_storage()
+                    storages[st.data_ptr()] = max(storages.get(st.data_ptr(), 0), st.nbytes())
+            except (RuntimeError, NotImplementedError):  # tensors without storage (sparse, functional wrappers)
+                continue
+    return sum(storages.values())
+
+
+def _cpu_peaks(prof, anchors: dict) -> tuple[int, dict]:
+    """Largest running sum of the profiler's CPU memory events (allocations positive, frees negative), overall
+    and per phase between marks. A phase begun by `mark` starts from the tensors then alive (`anchors`), not
+    from the running sum: frees made on threads the profiler does not follow (a loader's worker threads) would
+    otherwise stay counted as alive."""
+    events = prof.profiler.kineto_results.events()
+    marks = sorted((e.start_ns(), e.name()[len(_MARK):]) for e in events if e.name().startswith(_MARK))
+    memory = sorted((e.start_ns(), e.nbytes()) for e in events
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    bounds = [(0, "start")] + marks
+    phases = {name: 0 for _, name in bounds}
+    live = base = 0  # phase peak = base + (live - live when the phase began)
+    k = 0
+    for t, nbytes in memory:
+        while k + 1 < len(bounds) and t >= bounds[k + 1][0]:
+            k += 1
+            base = anchors.get(bounds[k][1], live) - live
+            phases[bounds[k][1]] = base + live
+        live += nbytes
+        phases[bounds[k][1]] = max(phases[bounds[k][1]], base + live)
+    return max(phases.values()), phases
 
 
 @contextlib.contextmanager
 def peak_memory(device: torch.device | str = "cpu"):
     """`with peak_memory(device) as p: ...` then `p.bytes`: the peak bytes of tensors allocated on `device`
     during the block. On CUDA it counts what was allocated before the block too (it is the allocator's peak);
-    on the CPU it counts from the block's start (start it before the model loads to count the weights)."""
+    on the CPU it counts from the block's start (start it before the model loads to count the weights).
+    `p.mark(name)` inside the block splits it into phases, whose peaks land in `p.phases`; on the CPU a phase
+    begun by a mark counts every tensor alive in the process at that mark."""
     device = torch.device(device)
     result = Peak(device=device.type)
     if device.type == "cuda":
@@ -47,10 +98,11 @@ def peak_memory(device: torch.device | str = "cpu"):
         torch.cuda.reset_peak_memory_stats(device)
         yield result
         torch.cuda.synchronize(device)
-        result.bytes = torch.cuda.max_memory_allocated(device)
+        result.phases[result._marks[-1] if result._marks else "start"] = torch.cuda.max_memory_allocated(device)
+        result.bytes = max(result.phases.values())
         return
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         yield result
-    result.bytes = _cpu_peak(prof)
+    result.bytes, result.phases = _cpu_peaks(prof, result._anchors)

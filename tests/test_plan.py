@@ -250,3 +250,22 @@ def sequence_logps_of(policy, batch):
     from lora_dpo.logps import sequence_logps
 
     return sequence_logps(policy, batch["input_ids"], batch["attention_mask"], batch["loss_mask"]).sums
+
+
+def test_peak_memory_phases_count_what_is_alive_when_they_start():
+    import torch
+
+    from lora_dpo.memtrack import peak_memory
+
+    from lora_dpo.memtrack import live_tensor_bytes
+
+    mib = 2**20
+    before = live_tensor_bytes()  # (other tests' tensors still alive in this process)
+    with peak_memory() as peak:
+        weights = torch.empty(8 * mib, dtype=torch.uint8)
+        staging = torch.empty(8 * mib, dtype=torch.uint8)  # load: 16 allocated in the block
+        del staging
+        peak.mark("train")
+        step = torch.empty(3 * mib, dtype=torch.uint8)  # train: everything alive + 3
+        del step
+    assert peak.phases == {"start": 16 * mib, "train": before + 11 * mib} and weights.numel()
