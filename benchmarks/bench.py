@@ -87,12 +87,14 @@ LR = 5e-5
 # lora-dpo variants: recipe overrides on top of the common recipe (one lever on or off at a time). The common
 # recipe turns the on-disk reference cache off, so that "+ref" always pays for computing the reference.
 LORA_DPO_VARIANTS = {
-    "lora-dpo": [],  # the defaults: reference pre-pass, chunked log-probs, plain [prompt+chosen; prompt+rejected]
+    "lora-dpo": [],  # the defaults: reference pre-pass, chunked log-probs, shared-prompt rows where exact (auto)
+    "plain": ["train.shared_prompt=false"],  # [prompt+chosen; prompt+rejected]: the defaults before shared prompts
+    # each lever on its own, on top of the plain layout
     "shared": ["train.shared_prompt=true"],
-    "grouped": ["train.group_by_length=true"],
+    "grouped": ["train.shared_prompt=false", "train.group_by_length=true"],
     "shared+grouped": ["train.shared_prompt=true", "train.group_by_length=true"],
-    "offload": ["train.activation_offload=true"],  # moves saved activations to the CPU: a GPU lever
-    "tiled": ["train.mlp_chunks=4"],  # each MLP over 4 slices of tokens: a lower backward peak, one more MLP forward
+    "offload": ["train.shared_prompt=false", "train.activation_offload=true"],  # moves saved activations to the CPU: a GPU lever
+    "tiled": ["train.shared_prompt=false", "train.mlp_chunks=4"],  # each MLP over 4 slices of tokens: a lower backward peak, one more MLP forward
     # every memory lever at once, what `lora-dpo plan` reaches for on the smallest GPUs
     "lean": ["train.shared_prompt=true", "train.group_by_length=true", "train.embeddings_on_cpu=true",
              "train.mlp_chunks=4", "train.activation_offload=true"],

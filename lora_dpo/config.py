@@ -7,6 +7,7 @@ that names the dotted key. Nothing is read with `dict.get(key, default)`, so a m
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -89,7 +90,7 @@ class TrainConfig:
     precompute_reference: bool = True  # one reference pass before training instead of one per step
     # -- speed and memory (issue #6): refcache.py, shared_prompt.py, grouping.py, offload.py --
     reference_cache: Optional[str] = "auto"  # folder of cached reference log-probs, reused across runs and resumes; auto: $LORA_DPO_CACHE/reference_logps; null: off
-    shared_prompt: bool = False  # one row per pair, [prompt | chosen | rejected] with a 4D mask: the prompt is encoded once (needs sdpa or eager attention; pairs only: SFT and KTO examples are one sequence anyway)
+    shared_prompt: Union[bool, Literal["auto"]] = "auto"  # one row per pair, [prompt | chosen | rejected] with a 4D mask: the prompt is encoded once; auto: on where it is exact (sdpa or eager attention, no sliding window shorter than max_length); pairs only: SFT and KTO examples are one sequence anyway
     group_by_length: bool = False  # steps of similar-length pairs (still exactly the global batch each): less padding (grouping.py; pairs only)
     activation_offload: bool = False  # keep the activations saved for backward in CPU memory: less GPU memory, more PCIe traffic (offload.py)
     embeddings_on_cpu: bool = False  # keep the input embedding table in CPU memory (1 GB of an 8B Llama in bf16); no effect when the head shares it (offload.py)
@@ -354,7 +355,7 @@ def _read_yaml(path: Path) -> dict:
 
 def load_recipe(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> Recipe:
     """Read a YAML recipe (or start from `base`), apply dotted overrides, validate, return a `Recipe`."""
-    tree: dict = dict(base or {})
+    tree: dict = copy.deepcopy(base or {})  # overrides write into nested dicts: never into the caller's
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -375,7 +376,7 @@ def _check_across_keys(recipe: Recipe) -> None:
             f"model.quant_storage: a floating storage dtype must equal model.dtype ({m.dtype}), got {m.quant_storage}: "
             "FSDP shards the 4-bit weights together with the other parameters, which are in the compute dtype"
         )
-    if recipe.train.shared_prompt and m.attn_implementation and "flash" in m.attn_implementation:
+    if recipe.train.shared_prompt is True and m.attn_implementation and m.attn_implementation not in ("sdpa", "eager"):
         raise ConfigError(  # (shared_prompt.py) flash attention takes no custom 4D mask
             f"train.shared_prompt: model.attn_implementation={m.attn_implementation} takes no 4D attention mask; "
             "use sdpa or eager, or set train.shared_prompt=false"

@@ -49,6 +49,17 @@ def four_bit_available(device: torch.device) -> str | None:
     return None
 
 
+def load_model_config(cfg: ModelConfig):
+    """The model's configuration alone (AutoConfig: a Hub id or a local folder; no weights are read)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(resolve_model_name(cfg.name), revision=cfg.revision,
+                                          trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model.name: cannot read a model configuration from '{cfg.name}': {first_line(exc)}") from None
+
+
 def load_tokenizer(cfg: ModelConfig):
     """The model's tokenizer, right-padded, with a pad token (its EOS when it has none: padding is always
     masked out, so the pad id never reaches a loss)."""

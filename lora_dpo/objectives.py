@@ -32,7 +32,7 @@ from .losses import (LENGTH_NORMALIZED_BY_DEFAULT, chosen_nll, kto_loss, kto_ref
                      preference_loss, simpo_loss)
 from .metrics import PairStats, Stats
 from .model import reference_model
-from .shared_prompt import collate_for, forward_inputs
+from .shared_prompt import collate_for, forward_inputs, use_shared_prompt
 
 
 def to_device(batch: dict, device) -> dict:
@@ -43,6 +43,7 @@ class Objective:
     unit = "pair"  # what one training example is (pairs_per_s counts these)
     Stats: type[Stats] = PairStats
     uses_reference = True  # False: no reference pass at all (SimPO, ORPO, SFT)
+    shared = False  # pairs laid out as shared-prompt rows (shared_prompt.py)
 
     def __init__(self, recipe: Recipe, tokenizer):
         self.recipe, self.tokenizer = recipe, tokenizer
@@ -60,6 +61,7 @@ class Objective:
         self.train: list = []
         self.eval: list = []
         self.report = None
+        self.notices: list[str] = []  # for the run's log
 
     # -- what the loop asks of every objective
     def prepare(self, model, accelerator) -> None:
@@ -128,7 +130,14 @@ class PreferenceObjective(Objective):
         self.eval = self.eval[: recipe.eval.max_pairs or None]
         self.ref_train: torch.Tensor | None = None
         self.ref_eval: torch.Tensor | None = None
-        self.collate_fn = collate_for(recipe.train.shared_prompt)  # plain [prompt+chosen; prompt+rejected] or shared rows
+        self.shared, why_not = use_shared_prompt(recipe)
+        if why_not:
+            self.notices.append(f"notice: train.shared_prompt=auto uses the plain layout: {why_not}")
+        self.collate_fn = collate_for(self.shared)  # plain [prompt+chosen; prompt+rejected] or shared rows
+
+    def set_shared(self, shared: bool) -> None:
+        self.shared = shared
+        self.collate_fn = collate_for(shared)
 
     def _build(self, cfg) -> tuple:
         return build_datasets(cfg, self.tokenizer, self.recipe.train.seed)
@@ -149,7 +158,7 @@ class PreferenceObjective(Objective):
 
         def table(pairs):
             compute = lambda ps: self._reference_table(model, ps, self._collate, accelerator, 2)  # noqa: E731
-            return cache.table(pairs, lambda: in_length_order(compute, pairs, self.recipe.train.shared_prompt))
+            return cache.table(pairs, lambda: in_length_order(compute, pairs, self.shared))
 
         if self.recipe.train.precompute_reference:
             self.ref_train = table(self.train)

@@ -18,7 +18,7 @@ import torch
 def activation_offload(enabled: bool, device: torch.device):
     """Context for the forward whose saved activations should wait on the CPU (`train.activation_offload`).
     A no-op when disabled; on a CPU device the tensors already live in CPU memory and nothing is copied."""
-    if not enabled:
+    if not enabled or device.type == "cpu":  # (save_on_cpu would copy every saved tensor, to where it already is)
         return contextlib.nullcontext()
     return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
 

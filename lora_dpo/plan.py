@@ -20,9 +20,12 @@ bytes per element of the compute dtype; tokens: rows x width of the worst batch,
                        its gradient; the gathered completion hidden states
     dequantised weight the largest linear layer in s, twice (forward and backward), made per matmul
     attention mask     shared-prompt rows only: rows x width^2 booleans
+    reference pass     a forward without gradients over eval.batch_size pairs (the reference pre-pass and
+                       every evaluation): one layer's working set, or two chunks of logits at the head
 
-The head's chunks and the decoder's backward never hold their transients at once, so the peak counts the
-larger of the two phases (PHASES) on top of the other terms. `allocated` is what
+The head's chunks and the decoder's backward never hold their transients at once, so a step counts the larger
+of the two phases (PHASES) on top of what it keeps for backward; a no-grad pass keeps nothing for backward, so
+the peak is the weights, adapter and optimizer plus the larger of a step and a no-grad pass (`peak_of`). `allocated` is what
 `torch.cuda.max_memory_allocated` would report; the device total adds the CUDA context and
 the caching allocator's slack (CONTEXT_BYTES, ALLOCATOR_SLACK). Every term is a formula here, not a
 measurement; benchmarks/RESULTS.md and tests/test_plan.py hold its checks against measured peaks.
@@ -79,17 +82,13 @@ def shape_from_config(config) -> Shape:
 
 def load_shape(model_cfg) -> Shape:
     """The model's Shape from its configuration file alone (AutoConfig: a Hub id or a local folder)."""
-    from transformers import AutoConfig
+    from .model import load_model_config
 
-    from .model import resolve_model_name
-
-    name = resolve_model_name(model_cfg.name)
+    config = load_model_config(model_cfg)
     try:
-        config = AutoConfig.from_pretrained(name, revision=model_cfg.revision,
-                                            trust_remote_code=model_cfg.trust_remote_code)
         return shape_from_config(config)
-    except (OSError, ValueError, AttributeError, TypeError) as exc:
-        raise ConfigError(f"model.name: cannot read a model configuration from '{model_cfg.name}': "
+    except (AttributeError, TypeError) as exc:
+        raise ConfigError(f"model.name: '{model_cfg.name}' is not a decoder-only transformer the planner knows: "
                           f"{first_line(exc)}") from None
 
 
@@ -113,33 +112,39 @@ class Setting:
     autocast: bool = True  # 16-bit autocast (what a GPU recipe runs with): peft then makes no fp32 input copies
     embeddings_on_cpu: bool = False
     mlp_chunks: int = 1
+    eval_batch: int = 8  # pairs per no-grad forward: the reference pass and evaluation (eval.batch_size)
     # (plain width, shared width, completion tokens) of each training pair after truncation: prompt + the longer
     # reply, prompt + both replies, both replies; None: every sequence at max_length (no data, or data not read)
     widths: tuple[tuple[int, int, int], ...] | None = None
 
     @classmethod
     def of(cls, recipe, widths=None) -> "Setting":
+        from .shared_prompt import use_shared_prompt
+
         t, m = recipe.train, recipe.model
         autocast = t.mixed_precision in ("bf16", "fp16") or (t.mixed_precision == "auto" and m.dtype != "fp32")
         return cls(batch_size=t.batch_size, grad_accum=t.grad_accum, max_length=recipe.data.max_length,
                    dtype_bytes=_DTYPE_BYTES[m.dtype], quantization=m.quantization, double_quant=m.double_quant,
                    gradient_checkpointing=m.gradient_checkpointing, activation_offload=t.activation_offload,
-                   shared_prompt=t.shared_prompt, lora_r=recipe.lora.r, lora_dropout=recipe.lora.dropout,
+                   shared_prompt=recipe.stage == "dpo" and recipe.loss.name != "kto" and use_shared_prompt(recipe)[0],
+                   lora_r=recipe.lora.r, lora_dropout=recipe.lora.dropout,
                    optimizer=t.optimizer, eager_attention=(m.attn_implementation == "eager"), autocast=autocast,
-                   embeddings_on_cpu=t.embeddings_on_cpu, mlp_chunks=t.mlp_chunks,
+                   embeddings_on_cpu=t.embeddings_on_cpu, mlp_chunks=t.mlp_chunks, eval_batch=recipe.eval.batch_size,
                    widths=None if widths is None else tuple(widths))
 
 
-def worst_batch(s: Setting) -> tuple[int, int, int]:
+def worst_batch(s: Setting, pairs: int | None = None) -> tuple[int, int, int]:
     """(rows, width, completion tokens) of the largest batch: the batch_size widest pairs together (length
     grouping puts them in one step; a shuffled order may). Two rows per pair, each prompt + the longer reply
     (plain), or one row per pair, [prompt | chosen | rejected] (shared). Without data every sequence is
-    max_length tokens, all of them scored; a max_length below the data's (a proposal) caps each sequence."""
-    rows = s.batch_size if s.shared_prompt else 2 * s.batch_size
+    max_length tokens, all of them scored; a max_length below the data's (a proposal) caps each sequence.
+    `pairs`: pairs per batch (default: train.batch_size)."""
+    pairs = pairs or s.batch_size
+    rows = pairs if s.shared_prompt else 2 * pairs
     cap = 2 * s.max_length if s.shared_prompt else s.max_length
     if not s.widths:
         return rows, cap, rows * cap
-    widest = sorted(s.widths, key=lambda w: w[1] if s.shared_prompt else w[0], reverse=True)[: s.batch_size]
+    widest = sorted(s.widths, key=lambda w: w[1] if s.shared_prompt else w[0], reverse=True)[:pairs]
     width = min(cap, widest[0][1] if s.shared_prompt else widest[0][0])
     return rows, width, min(rows * width, sum(w[2] for w in widest))
 
@@ -218,19 +223,45 @@ def estimate(shape: Shape, s: Setting) -> dict[str, int]:
     out["dequantised weight"] = 2 * max(i * o for i, o in shape.linear_shapes) * e if s.quantization == "nf4" else 0
     if s.shared_prompt:
         out["attention mask"] = rows * width * width
+    out["reference pass"] = no_grad_pass_bytes(shape, s)
     return out
 
 
+def no_grad_pass_bytes(shape: Shape, s: Setting) -> int:
+    """The transient of a forward without gradients over eval.batch_size pairs (the reference pass, each
+    evaluation): at the MLP, its three intermediates (the activation, the up projection and their product; a
+    tiled MLP one slice of them) beside the residual stream and its normed copy, with the RMSNorm's fp32
+    temporaries about four hidden-wide tensors in all, and the largest dequantised weight; at the head, two
+    chunks of fp32 logits (the logits and the exp() of the log-softmax). A GPU's attention kernels keep no
+    [tokens x tokens] scores; a CPU's SDPA with a mask does, so on a CPU this term is low (there a training
+    step sets the peak). The one GPU check so far: benchmarks/RESULTS.md, mem-8b."""
+    e = s.dtype_bytes
+    rows, width, scored = worst_batch(s, s.eval_batch)
+    tokens = rows * width
+    h = shape.hidden
+    hidden_wide = 4 * h * e
+    decoder = tokens * (hidden_wide + 3 * shape.intermediate * e / max(1, s.mlp_chunks))
+    if s.quantization == "nf4":
+        decoder += max(i * o for i, o in shape.linear_shapes) * e
+    head = 2 * min(LOGITS_BUDGET_BYTES, scored * shape.vocab * 4) + (tokens + scored) * h * e
+    mask = rows * width * width if s.shared_prompt else 0
+    return round(max(decoder, head) + mask)
+
+
 # Transients that never coexist: the output head's chunks run and free before backward reaches the decoder, whose
-# layers are then recomputed one at a time. The peak holds the larger of the two phases, on top of the rest.
+# layers are then recomputed one at a time; a training step holds the larger of the two phases on top of what it
+# keeps for backward (STEP). A forward without gradients (the reference pass, evaluation) holds none of those.
 PHASES = ({"log-prob head"}, {"layer recompute", "dequantised weight", "attention scores"})
+STEP = {"checkpointed activations", "activations", "attention mask"}
+NO_GRAD = "reference pass"
 
 
 def peak_of(terms: dict[str, int]) -> int:
-    """The allocated peak of an `estimate`: every term that lives through the step, plus the larger phase."""
-    phased = set().union(*PHASES)
-    return (sum(v for k, v in terms.items() if k not in phased)
-            + max(sum(terms.get(k, 0) for k in phase) for phase in PHASES))
+    """The allocated peak of an `estimate`: the weights, adapter and optimizer, plus the larger of a training
+    step (what it keeps for backward and its larger phase) and a no-grad pass."""
+    phased = set().union(*PHASES) | STEP | {NO_GRAD}
+    step = sum(terms.get(k, 0) for k in STEP) + max(sum(terms.get(k, 0) for k in phase) for phase in PHASES)
+    return sum(v for k, v in terms.items() if k not in phased) + max(step, terms.get(NO_GRAD, 0))
 
 
 def device_total(allocated: int) -> int:
@@ -265,17 +296,23 @@ def candidates(s: Setting):
 
 
 def propose(shape: Shape, s: Setting, budget: int) -> Setting | None:
-    """The first candidate whose predicted device total fits `budget` bytes, or None."""
+    """The first candidate whose predicted device total fits `budget` bytes, or None. A candidate whose no-grad
+    pass alone is over gets a smaller eval.batch_size first (down to its train batch): that pass is a small
+    share of a run's time."""
     for c in candidates(s):
-        if device_total(peak_of(estimate(shape, c))) <= budget:
-            return c
+        for eval_batch in sorted({c.eval_batch} | {b for b in (4, 2, 1) if c.batch_size <= b < c.eval_batch},
+                                 reverse=True):
+            option = replace(c, eval_batch=eval_batch)
+            if device_total(peak_of(estimate(shape, option))) <= budget:
+                return option
     return None
 
 
 def overrides(before: Setting, after: Setting) -> list[str]:
     keys = [("batch_size", "train.batch_size"), ("grad_accum", "train.grad_accum"), ("max_length", "data.max_length"),
             ("gradient_checkpointing", "model.gradient_checkpointing"), ("embeddings_on_cpu", "train.embeddings_on_cpu"),
-            ("mlp_chunks", "train.mlp_chunks"), ("activation_offload", "train.activation_offload")]
+            ("mlp_chunks", "train.mlp_chunks"), ("activation_offload", "train.activation_offload"),
+            ("eval_batch", "eval.batch_size")]
     out = []
     for attr, key in keys:
         a, b = getattr(before, attr), getattr(after, attr)
@@ -343,8 +380,9 @@ def format_plan(result: dict, recipe_path: str) -> str:
              f"{result['lengths']}: the worst batch is {rows} rows x {width} tokens",
              "predicted peak (torch.cuda.max_memory_allocated):"]
     phased = set().union(*PHASES)
-    lines += [f"  {name:<28}{gb(v)}{'  (one phase: the larger counts)' if name in phased else ''}"
-              for name, v in result["terms"].items()]
+    note = lambda name: ("  (step phase: the larger counts)" if name in phased else
+                         "  (no-grad pass at eval.batch_size: instead of a step)" if name == NO_GRAD else "")
+    lines += [f"  {name:<28}{gb(v)}{note(name)}" for name, v in result["terms"].items()]
     lines += [f"  {'allocated peak':<28}{gb(result['allocated'])}",
               f"  {'+ CUDA context, slack':<28}{gb(result['device_total'] - result['allocated'])}",
               f"  {'device total':<28}{gb(result['device_total'])}  "

@@ -79,14 +79,61 @@ def attention_mask_4d(segments: torch.Tensor, implementation: str | None, dtype:
     return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-def check_attention(model) -> None:
-    """Refuse attention implementations that ignore a custom 4D mask."""
+def sliding_window(config) -> int | None:
+    """The attention window of a model whose layers (some or all) see only the last W tokens, else None."""
+    text = getattr(config, "text_config", None) or config
+    window = getattr(text, "sliding_window", None)
+    if not window or getattr(text, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(text, "layer_types", None)
+    if layer_types is not None and not any("sliding" in str(t) for t in layer_types):
+        return None
+    return int(window)
+
+
+def use_shared_prompt(recipe, model_config=None) -> tuple[bool, str | None]:
+    """Whether a run lays its pairs out as shared-prompt rows, and when `auto` says no, why.
+
+    The layout is exact (the same log-probs as [prompt+chosen; prompt+rejected]) when the attention takes a
+    custom 4D mask (sdpa, eager) and no sliding window can bind: the mask has no window, so a model whose
+    window is shorter than max_length would see more context than in the plain layout. `true` where it is
+    not exact is an error naming the key; `auto` then falls back to the plain layout."""
+    from .errors import ConfigError
+
+    setting = recipe.train.shared_prompt
+    if setting is False:
+        return False, None
+    problems = []
+    impl = recipe.model.attn_implementation
+    if impl and impl not in ("sdpa", "eager"):
+        problems.append(f"model.attn_implementation={impl} takes no custom 4D mask")
+    if model_config is None:
+        from .model import load_model_config
+
+        model_config = load_model_config(recipe.model)
+    window = sliding_window(model_config)
+    if window is not None and window < recipe.data.max_length:
+        problems.append(f"the model attends through a sliding window of {window} tokens, shorter than "
+                        f"data.max_length={recipe.data.max_length}, and the shared layout's mask has no window")
+    if not problems:
+        return True, None
+    if setting is True:
+        raise ConfigError(f"train.shared_prompt: {'; '.join(problems)}; set train.shared_prompt=false (or auto)")
+    return False, "; ".join(problems)
+
+
+def check_attention(model, explicit: bool) -> bool:
+    """After the model loads: whether its attention takes the shared layout's 4D mask. When it does not, an
+    error for `train.shared_prompt: true`, False for auto (the run falls back to the plain layout)."""
     from .errors import ConfigError
 
     impl = _implementation(model)
-    if impl and "flash" in impl:
+    if impl is None or impl in ("sdpa", "eager"):
+        return True
+    if explicit:
         raise ConfigError(f"train.shared_prompt: attention '{impl}' takes no custom 4D mask; use "
                           "model.attn_implementation=sdpa (or eager), or set train.shared_prompt=false")
+    return False
 
 
 def _implementation(model) -> str | None:

@@ -112,6 +112,8 @@ def train(recipe: Recipe) -> dict:
         objective = make_objective(recipe, tokenizer)
         rounds = [objective.train] + [objective.load_train(src) for src in recipe.data.rounds]
     log(objective.report.summary())
+    for notice in objective.notices:
+        log(notice)
     rounds += [objective.train] * (t.rounds - len(rounds))  # rounds without data of their own reuse data.train
 
     # 2. Device, precision, trackers, model.
@@ -136,8 +138,10 @@ def train(recipe: Recipe) -> dict:
         make_optimizer(recipe, [])  # fail now, not after the model has loaded
     policy = load_policy(recipe.model, recipe.lora, device, sharded, reference_adapter=t.rounds > 1)
     tile_mlps(policy, t.mlp_chunks)  # (1: as loaded)
-    if t.shared_prompt and objective.unit == "pair":
-        check_attention(policy)  # the shared-prompt layout needs an attention that takes a 4D mask
+    if objective.shared and not check_attention(policy, explicit=t.shared_prompt is True):
+        log(f"notice: train.shared_prompt=auto uses the plain layout: attention "
+            f"'{policy.config._attn_implementation}' takes no custom 4D mask")
+        objective.set_shared(False)
     if recipe.model.adapter:
         log(f"policy and reference start from the adapter {resolve_adapter(recipe.model.adapter)} (two adapters on "
             "one base; the lora.* keys come from it)")
@@ -245,7 +249,7 @@ def train(recipe: Recipe) -> dict:
         bar = tqdm(total=total_steps, initial=state.step, desc=recipe.stage if recipe.stage != "dpo" else recipe.loss.name,
                    dynamic_ncols=True, file=sys.stderr, disable=not main)
         grouped = t.group_by_length and objective.unit == "pair"  # (single completions are not regrouped)
-        stream = training_stream(objective.train, t.seed + round_idx, pairs_per_step, grouped, t.shared_prompt)
+        stream = training_stream(objective.train, t.seed + round_idx, pairs_per_step, grouped, objective.shared)
         window, nonfinite_in_a_row = objective.Stats.from_state(state.window), 0
         window_start, probe = time.perf_counter(), {}
         model.train()
@@ -328,7 +332,7 @@ def train(recipe: Recipe) -> dict:
                 snapshot_reference(policy)
                 round_idx += 1
                 objective.set_train(rounds[round_idx])
-                stream = training_stream(objective.train, t.seed + round_idx, pairs_per_step, grouped, t.shared_prompt)
+                stream = training_stream(objective.train, t.seed + round_idx, pairs_per_step, grouped, objective.shared)
                 objective.reference_adapter = adapter_fingerprint(out / "rounds" / f"round-{round_idx}")
                 objective.prepare(model, accelerator)
                 model.train()

@@ -119,3 +119,12 @@ def test_yaml_no_is_the_word_where_a_choice_expects_it(tmp_path):
     assert load_recipe(path).train.mixed_precision == "no"
     with pytest.raises(ConfigError, match="train.optimizer: expected one of"):
         load_recipe(path, ["train.optimizer=no"])  # a choice without "no" still refuses a boolean
+
+
+def test_overrides_leave_the_base_tree_they_start_from_untouched():
+    base = {"output_dir": "x", "model": {"name": "toy"}, "data": {"train": "x"}, "train": {"batch_size": 2}}
+    first = load_recipe(None, ["train.shared_prompt=false", "train.batch_size=8"], base=base)
+    second = load_recipe(None, [], base=base)
+    assert (first.train.shared_prompt, first.train.batch_size) == (False, 8)
+    assert (second.train.shared_prompt, second.train.batch_size) == ("auto", 2)
+    assert base["train"] == {"batch_size": 2}

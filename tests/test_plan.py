@@ -15,7 +15,7 @@ LLAMA_8B = Shape(hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128, int
                  tied=False)
 SETTING = Setting(batch_size=1, grad_accum=8, max_length=2048, dtype_bytes=2, quantization="nf4", double_quant=True,
                   gradient_checkpointing=True, activation_offload=False, shared_prompt=False, lora_r=16,
-                  lora_dropout=0.0, optimizer="paged_adamw_8bit", eager_attention=False)
+                  lora_dropout=0.0, optimizer="paged_adamw_8bit", eager_attention=False, eval_batch=1)
 
 
 def test_weight_and_adapter_terms_by_hand(tiny_llama):
@@ -34,7 +34,8 @@ def test_weight_and_adapter_terms_by_hand(tiny_llama):
 
 def test_prediction_grows_with_batch_and_length():
     total = lambda **kw: peak_of(estimate(LLAMA_8B, replace(SETTING, **kw)))
-    assert total(batch_size=1) < total(batch_size=2) < total(batch_size=4)
+    assert total(batch_size=1) < total(batch_size=2, eval_batch=2) < total(batch_size=4, eval_batch=4)
+    assert total(eval_batch=1) < total(eval_batch=8)  # the no-grad pass over 8 pairs outgrows a step over 1
     assert total(max_length=512) < total(max_length=1024) < total(max_length=2048)
     assert total(activation_offload=True) < total()
     assert total(gradient_checkpointing=True) < total(gradient_checkpointing=False)
@@ -95,7 +96,7 @@ def test_the_worst_batch_comes_from_the_data(tmp_path, tiny_llama, capsys):
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"output_dir: {tmp_path / 'run'}\nmodel: {{name: {tiny_llama}}}\n"
-                      f"data: {{train: {tmp_path / 'd.jsonl'}, max_length: 1024}}\ntrain: {{batch_size: 2}}\n")
+                      f"data: {{train: {tmp_path / 'd.jsonl'}, max_length: 1024}}\ntrain: {{batch_size: 2, shared_prompt: false}}\n")
     results = {}
     for lengths in ("data", "max"):
         assert main(["plan", str(recipe), "--gpu-memory", "4GB", "--json", "--lengths", lengths]) == 0

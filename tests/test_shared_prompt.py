@@ -85,3 +85,29 @@ def test_shared_prompts_with_flash_attention_are_refused_before_the_model_loads(
     with pytest.raises(ConfigError, match=r"train.shared_prompt: model.attn_implementation=flash_attention_2"):
         load_recipe(None, ["output_dir=x", "model.name=m", "data.train=d", "train.shared_prompt=true",
                            "model.attn_implementation=flash_attention_2"])
+
+
+def test_auto_uses_the_shared_layout_only_where_it_is_exact():
+    """auto (the default): on for full attention; off, with the reason, when a sliding window shorter than
+    max_length could bind (the 4D mask has no window) or the attention takes no 4D mask; true there is an error
+    naming the key; false is always off."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    from lora_dpo.config import load_recipe
+    from lora_dpo.errors import ConfigError
+    from lora_dpo.shared_prompt import use_shared_prompt
+
+    recipe = lambda *kv: load_recipe(None, ["output_dir=x", "model.name=toy", "data.train=x", "data.max_length=64", *kv])  # noqa: E731
+    full, windowed = LlamaConfig(), MistralConfig(sliding_window=32)
+    assert use_shared_prompt(recipe(), full) == (True, None)
+    on, why = use_shared_prompt(recipe(), windowed)
+    assert not on and "sliding window of 32" in why and "data.max_length=64" in why
+    assert use_shared_prompt(recipe("data.max_length=32"), windowed) == (True, None)  # the window cannot bind
+    assert use_shared_prompt(recipe(), Qwen2Config(sliding_window=32, use_sliding_window=False)) == (True, None)
+    with pytest.raises(ConfigError, match="^train.shared_prompt: the model attends through a sliding window"):
+        use_shared_prompt(recipe("train.shared_prompt=true"), windowed)
+    assert use_shared_prompt(recipe("train.shared_prompt=false"), full) == (False, None)
+    on, why = use_shared_prompt(recipe("model.attn_implementation=flash_attention_2"), full)
+    assert not on and "flash_attention_2" in why
+    with pytest.raises(ConfigError, match="train.shared_prompt"):
+        recipe("model.attn_implementation=flash_attention_2", "train.shared_prompt=true")

@@ -1,6 +1,8 @@
 """Tiled MLP (`train.mlp_chunks`): the same log-probs and LoRA gradients as the whole MLP, a lower peak, and a
 run that trains with it."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -55,7 +57,8 @@ def test_a_run_trains_with_a_tiled_mlp(tmp_path):
     from lora_dpo.metrics import read_metrics
     from lora_dpo.trainer import train
 
-    recipe = load_recipe("recipes/toy.yaml", [f"output_dir={tmp_path / 'run'}", "train.max_steps=2",
+    toy = Path(__file__).resolve().parent.parent / "recipes" / "toy.yaml"
+    recipe = load_recipe(str(toy), [f"output_dir={tmp_path / 'run'}", "train.max_steps=2",
                                               "train.mlp_chunks=3", "eval.num_prompts=2", "eval.max_pairs=8"])
     train(recipe)
     rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["split"] == "train"]
