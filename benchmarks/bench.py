@@ -361,7 +361,8 @@ def main(argv=None) -> int:
     ap.add_argument("--levers", action="store_true", help="run every lora-dpo variant (each lever on its own)")
     ap.add_argument("--threads", type=int, help="torch/OpenMP threads per contestant (default: torch's default); "
                     "1 gives steadier figures on a busy machine")
-    ap.add_argument("--repeats", type=int, default=1, help="runs per contestant; the fastest is reported")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="rounds of one run per contestant (interleaved); each contestant's fastest is reported")
     ap.add_argument("--no-tensor-memory", action="store_true",
                     help="on a CPU, skip the second run per contestant that measures peak tensor memory under the "
                          "profiler (memtrack; it slows a run, so speed is timed in a run without it)")
@@ -391,42 +392,46 @@ def main(argv=None) -> int:
     import torch
 
     cuda = torch.cuda.is_available()
-    results = {}
-    for name in contestants:
-        best = None
-        # on a GPU the allocator counts for free; on a CPU the profiler does, in a run of its own (the last)
-        runs = [cuda] * args.repeats + ([] if cuda or args.no_tensor_memory else [True])
-        for rep, memory in enumerate(runs):
-            with tempfile.TemporaryDirectory(dir=work) as tmp:
-                job = {"contestant": name, "workload": w, "model": str(model_dir), "data": str(data),
-                       "overrides": variants.get(name, []), "out": str(Path(tmp) / "run"),
-                       "result": str(Path(tmp) / "result.json"), "memory": memory}
-                (Path(tmp) / "job.json").write_text(json.dumps(job))
-                # a fresh datasets cache per run: TRL caches precomputed reference log-probs there
-                env = {**os.environ, "HF_DATASETS_CACHE": str(Path(tmp) / "hf-datasets"), "TQDM_DISABLE": "1",
-                       "HF_HUB_OFFLINE": "1"}
-                if args.threads:
-                    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
-                t0 = time.perf_counter()
-                proc = subprocess.run([sys.executable, __file__, "--_job", str(Path(tmp) / "job.json")], env=env,
-                                      capture_output=True, text=True)
-                if proc.returncode != 0:
-                    print(f"{name}: failed\n{proc.stderr[-4000:]}", file=sys.stderr)
-                    break
-                r = json.loads((Path(tmp) / "result.json").read_text())
-                r["wall_s"] = time.perf_counter() - t0
-                plan_note = f" (lora-dpo plan predicted {r['plan_gb']:.2f} GB)" if "plan_gb" in r else ""
-                tensors = (f", tensors: load {r['load_peak_gb']:.3f} GB, training {r['train_peak_gb']:.3f} GB"
-                           if memory else "")
-                print(f"  {name} run {rep + 1}{' (memory)' if memory and not cuda else ''}: train {r['train_s']:.1f}s, "
-                      f"reference {r['ref_s']:.1f}s, peak {r['peak_gb']:.2f} GB{tensors}{plan_note}, "
-                      f"loss {r['loss']:.4f}", file=sys.stderr)
-                if memory and not cuda and best is not None:  # the profiled run gives memory, not speed
-                    best.update({k: r[k] for k in ("tensor_peak_gb", "load_peak_gb", "train_peak_gb")})
-                elif best is None or r["train_s"] < best["train_s"]:
-                    best = r
-        if best is not None:
-            results[name] = best
+    results, failed = {}, set()
+    # Rounds of one run per contestant, not each contestant's runs back to back: a machine whose speed drifts
+    # (a shared host) then drifts under every contestant alike, and the fastest of each contestant's runs is kept.
+    # On a GPU the allocator counts memory for free; on a CPU the profiler does, in a last round of its own.
+    jobs = [(name, cuda) for _ in range(args.repeats) for name in contestants]
+    if not cuda and not args.no_tensor_memory:
+        jobs += [(name, True) for name in contestants]
+    for rep, (name, memory) in enumerate(jobs):
+        if name in failed:
+            continue
+        with tempfile.TemporaryDirectory(dir=work) as tmp:
+            job = {"contestant": name, "workload": w, "model": str(model_dir), "data": str(data),
+                   "overrides": variants.get(name, []), "out": str(Path(tmp) / "run"),
+                   "result": str(Path(tmp) / "result.json"), "memory": memory}
+            (Path(tmp) / "job.json").write_text(json.dumps(job))
+            # a fresh datasets cache per run: TRL caches precomputed reference log-probs there
+            env = {**os.environ, "HF_DATASETS_CACHE": str(Path(tmp) / "hf-datasets"), "TQDM_DISABLE": "1",
+                   "HF_HUB_OFFLINE": "1"}
+            if args.threads:
+                env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
+            t0 = time.perf_counter()
+            proc = subprocess.run([sys.executable, __file__, "--_job", str(Path(tmp) / "job.json")], env=env,
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(f"{name}: failed\n{proc.stderr[-4000:]}", file=sys.stderr)
+                failed.add(name)
+                continue
+            r = json.loads((Path(tmp) / "result.json").read_text())
+        r["wall_s"] = time.perf_counter() - t0
+        plan_note = f" (lora-dpo plan predicted {r['plan_gb']:.2f} GB)" if "plan_gb" in r else ""
+        tensors = f", tensors: load {r['load_peak_gb']:.3f} GB, training {r['train_peak_gb']:.3f} GB" if memory else ""
+        print(f"  {name} job {rep + 1}/{len(jobs)}{' (memory)' if memory and not cuda else ''}: train "
+              f"{r['train_s']:.1f}s, reference {r['ref_s']:.1f}s, peak {r['peak_gb']:.2f} GB{tensors}{plan_note}, "
+              f"loss {r['loss']:.4f}", file=sys.stderr)
+        best = results.get(name)
+        if memory and not cuda and best is not None:  # the profiled run gives memory, not speed
+            best.update({k: r[k] for k in ("tensor_peak_gb", "load_peak_gb", "train_peak_gb")})
+        elif best is None or r["train_s"] < best["train_s"]:
+            results[name] = {**r, **{k: best[k] for k in ("tensor_peak_gb", "load_peak_gb", "train_peak_gb")
+                                     if best and k in best}}
 
     print(table(results, n_pairs, n_tokens, args.workload))
     if args.json:
