@@ -283,7 +283,11 @@ def eval_rows(cfg: DataConfig) -> tuple["datasets.Dataset", str]:
     """(rows, label) of data.eval: a split of data.train, or another source read from its `test` split when it
     has one, else `train`. Call only when data.eval is set."""
     if eval_is_split(cfg.eval):
-        return load_rows(cfg.train, cfg.eval), f"{cfg.train} [{cfg.eval}]"
+        try:
+            return load_rows(cfg.train, cfg.eval), f"{cfg.train} [{cfg.eval}]"
+        except _SplitError as exc:
+            raise DataError(f"data.eval={cfg.eval} names a split of data.train that it lacks: {exc}; set data.eval "
+                            "to a file or dataset, or to null to hold out data.eval_fraction of data.train") from None
     rows, split = load_split(cfg.eval, ("test", "train"))
     return rows, f"{cfg.eval} [{split}]"
 

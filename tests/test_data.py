@@ -547,7 +547,8 @@ def test_eval_split_by_name_reads_that_split_of_the_train_source(tmp_path, tok_c
 
 def test_eval_split_that_does_not_exist_lists_the_available_splits(tmp_path, tok_chatml):
     folder = _folder_with_splits(tmp_path)
-    with pytest.raises(DataError, match=r"no split 'validation'; available splits: train, test"):
+    with pytest.raises(DataError, match=r"^data.eval=validation names a split of data.train that it lacks: .*"
+                                         r"no split 'validation'; available splits: train, test; set data.eval"):
         build_datasets(config(folder, eval="validation"), tok_chatml, seed=0)
     path = write_jsonl(tmp_path / "d.jsonl", STANDARD)
     with pytest.raises(DataError, match=r"d.jsonl: no split 'test'; available splits: train$"):
