@@ -275,7 +275,7 @@ LEVERS = ({"embeddings_on_cpu": True}, {"gradient_checkpointing": True}, {"mlp_c
           {"activation_offload": True})
 
 
-def candidates(s: Setting):
+def candidates(s: Setting, tied: bool = False):
     """Settings to try, fastest first: the recipe's max_length before shorter ones; its own options before
     the levers (LEVERS, one more at a time); larger batches first (grad_accum raised so that each step keeps
     at least its pairs)."""
@@ -284,6 +284,8 @@ def candidates(s: Setting):
     batches = sorted({s.batch_size} | {b for b in (8, 4, 2, 1) if b < s.batch_size}, reverse=True)
     options, current = [s], s
     for lever in LEVERS:
+        if tied and "embeddings_on_cpu" in lever:  # the head shares the table: it stays on the device anyway
+            continue
         lever = {k: max(v, getattr(current, k)) for k, v in lever.items()}  # never undo what the recipe has
         nxt = replace(current, **lever)
         if nxt != current:
@@ -299,7 +301,7 @@ def propose(shape: Shape, s: Setting, budget: int) -> Setting | None:
     """The first candidate whose predicted device total fits `budget` bytes, or None. A candidate whose no-grad
     pass alone is over gets a smaller eval.batch_size first (down to its train batch): that pass is a small
     share of a run's time."""
-    for c in candidates(s):
+    for c in candidates(s, shape.tied):
         for eval_batch in sorted({c.eval_batch} | {b for b in (4, 2, 1) if c.batch_size <= b < c.eval_batch},
                                  reverse=True):
             option = replace(c, eval_batch=eval_batch)

@@ -114,6 +114,8 @@ def test_the_proposal_reaches_for_the_levers_an_8b_model_needs():
     chosen = propose(LLAMA_8B, s, 8 * GiB)
     assert chosen is not None and chosen.embeddings_on_cpu and chosen.max_length == 2048
     assert estimate(LLAMA_8B, chosen)["embeddings and head"] == 128256 * 4096 * 2  # the head alone
+    tied = propose(replace(LLAMA_8B, tied=True), s, 7 * GiB)  # a shared table never moves: not proposed
+    assert tied is not None and not tied.embeddings_on_cpu
 
 
 def test_the_4bit_weights_term_matches_what_bitsandbytes_allocates(tiny_llama):
