@@ -137,7 +137,8 @@ def train(recipe: Recipe) -> dict:
     if t.optimizer == "paged_adamw_8bit":
         make_optimizer(recipe, [])  # fail now, not after the model has loaded
     policy = load_policy(recipe.model, recipe.lora, device, sharded, reference_adapter=t.rounds > 1)
-    tile_mlps(policy, t.mlp_chunks)  # (1: as loaded)
+    if t.mlp_chunks > 1:
+        tile_mlps(policy, t.mlp_chunks)
     if objective.shared and not check_attention(policy, explicit=t.shared_prompt is True):
         log(f"notice: train.shared_prompt=auto uses the plain layout: attention "
             f"'{policy.config._attn_implementation}' takes no custom 4D mask")
