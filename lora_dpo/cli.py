@@ -22,6 +22,12 @@ EXAMPLES = """examples:
 """
 
 
+
+def add_recipe_arguments(parser, where: str | None, example: str) -> None:
+    """The two positional arguments of every command that reads a recipe: its path and dotted overrides."""
+    parser.add_argument("recipe", help=f"path to a YAML recipe ({where})" if where else "path to a YAML recipe")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=f"dotted overrides, e.g. {example}")
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lora-dpo",
@@ -33,17 +39,14 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     t = sub.add_parser("train", help="train an adapter with DPO from a YAML recipe",
                        description="Train; Ctrl-C or SIGTERM saves a checkpoint and exits 130; resume=true continues.")
-    t.add_argument("recipe", help="path to a YAML recipe (see recipes/)")
-    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-4")
+    add_recipe_arguments(t, "see recipes/", "train.lr=1e-4")
     f = sub.add_parser("sft", help="supervised fine-tuning of an adapter on responses (the stage before DPO)",
                        description="Train a LoRA adapter on prompt/response data, loss on the responses only "
                                    "(the recipe's stage is set to sft). A DPO recipe starts from it with "
                                    "model.adapter=<this run>, which then is its reference.")
-    f.add_argument("recipe", help="path to a YAML recipe (see recipes/toy-sft.yaml)")
-    f.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-4")
+    add_recipe_arguments(f, "see recipes/toy-sft.yaml", "train.lr=1e-4")
     d = sub.add_parser("data", help="check a recipe's data and print its report, without loading the model")
-    d.add_argument("recipe", help="path to a YAML recipe")
-    d.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. data.train=pairs.jsonl")
+    add_recipe_arguments(d, None, "data.train=pairs.jsonl")
     d.add_argument("--json", action="store_true", help="print the report as JSON")
     from .compare import add_parser as add_compare_parser
     from .export import add_parser as add_export_parser

@@ -376,7 +376,9 @@ def _check_across_keys(recipe: Recipe) -> None:
             f"model.quant_storage: a floating storage dtype must equal model.dtype ({m.dtype}), got {m.quant_storage}: "
             "FSDP shards the 4-bit weights together with the other parameters, which are in the compute dtype"
         )
-    if recipe.train.shared_prompt is True and m.attn_implementation and m.attn_implementation not in ("sdpa", "eager"):
+    from .shared_prompt import MASK_ATTENTION
+
+    if recipe.train.shared_prompt is True and m.attn_implementation and m.attn_implementation not in MASK_ATTENTION:
         raise ConfigError(  # (shared_prompt.py) flash attention takes no custom 4D mask
             f"train.shared_prompt: model.attn_implementation={m.attn_implementation} takes no 4D attention mask; "
             "use sdpa or eager, or set train.shared_prompt=false"

@@ -32,7 +32,7 @@ from .losses import (LENGTH_NORMALIZED_BY_DEFAULT, chosen_nll, kto_loss, kto_ref
                      preference_loss, simpo_loss)
 from .metrics import PairStats, Stats
 from .model import reference_model
-from .shared_prompt import collate_for, forward_inputs, use_shared_prompt
+from .shared_prompt import collate_for, fallback_notice, forward_inputs, use_shared_prompt
 
 
 def to_device(batch: dict, device) -> dict:
@@ -132,7 +132,7 @@ class PreferenceObjective(Objective):
         self.ref_eval: torch.Tensor | None = None
         self.shared, why_not = use_shared_prompt(recipe)
         if why_not:
-            self.notices.append(f"notice: train.shared_prompt=auto uses the plain layout: {why_not}")
+            self.notices.append(fallback_notice(why_not))
         self.collate_fn = collate_for(self.shared)  # plain [prompt+chosen; prompt+rejected] or shared rows
 
     def set_shared(self, shared: bool) -> None:

@@ -403,8 +403,9 @@ def add_parser(sub) -> None:
                        description="Predict peak GPU memory from the model's configuration and the recipe (no "
                                    "weights are loaded); propose train.batch_size, data.max_length and options "
                                    "that fit --gpu-memory.")
-    p.add_argument("recipe", help="path to a YAML recipe")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. data.max_length=2048")
+    from .cli import add_recipe_arguments
+
+    add_recipe_arguments(p, None, "data.max_length=2048")
     p.add_argument("--gpu-memory", required=True, metavar="SIZE", help="the GPU's memory, e.g. 8GB, 24GiB, 6144MB")
     p.add_argument("--lengths", choices=("data", "max"), default="data",
                    help="size the worst batch from the training data's pairs (default; falls back to max_length when "

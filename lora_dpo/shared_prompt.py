@@ -79,6 +79,13 @@ def attention_mask_4d(segments: torch.Tensor, implementation: str | None, dtype:
     return torch.zeros(allowed.shape, dtype=dtype, device=segments.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+MASK_ATTENTION = ("sdpa", "eager")  # attention implementations that take a custom 4D mask
+
+
+def fallback_notice(why: str) -> str:
+    return f"notice: train.shared_prompt=auto uses the plain layout: {why}"
+
+
 def sliding_window(config) -> int | None:
     """The attention window of a model whose layers (some or all) see only the last W tokens, else None."""
     text = getattr(config, "text_config", None) or config
@@ -105,7 +112,7 @@ def use_shared_prompt(recipe, model_config=None) -> tuple[bool, str | None]:
         return False, None
     problems = []
     impl = recipe.model.attn_implementation
-    if impl and impl not in ("sdpa", "eager"):
+    if impl and impl not in MASK_ATTENTION:
         problems.append(f"model.attn_implementation={impl} takes no custom 4D mask")
     if model_config is None:
         from .model import load_model_config
@@ -128,7 +135,7 @@ def check_attention(model, explicit: bool) -> bool:
     from .errors import ConfigError
 
     impl = _implementation(model)
-    if impl is None or impl in ("sdpa", "eager"):
+    if impl is None or impl in MASK_ATTENTION:
         return True
     if explicit:
         raise ConfigError(f"train.shared_prompt: attention '{impl}' takes no custom 4D mask; use "

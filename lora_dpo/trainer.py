@@ -40,7 +40,7 @@ from .objectives import make_objective
 from .offload import activation_offload, embeddings_on_cpu
 from .probes import AdaptiveBeta, Sampler, measure_kl
 from .refcache import adapter_fingerprint
-from .shared_prompt import check_attention
+from .shared_prompt import check_attention, fallback_notice
 from .tiling import tile_mlps
 from .stopping import Interrupted, StopRequest
 
@@ -140,8 +140,7 @@ def train(recipe: Recipe) -> dict:
     if t.mlp_chunks > 1:
         tile_mlps(policy, t.mlp_chunks)
     if objective.shared and not check_attention(policy, explicit=t.shared_prompt is True):
-        log(f"notice: train.shared_prompt=auto uses the plain layout: attention "
-            f"'{policy.config._attn_implementation}' takes no custom 4D mask")
+        log(fallback_notice(f"attention '{policy.config._attn_implementation}' takes no custom 4D mask"))
         objective.set_shared(False)
     if recipe.model.adapter:
         log(f"policy and reference start from the adapter {resolve_adapter(recipe.model.adapter)} (two adapters on "

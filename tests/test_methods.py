@@ -283,17 +283,14 @@ def test_a_collapse_of_diversity_is_warned_about(monkeypatch, capsys):
     assert "collapsing: distinct-2 0.100 against the reference's 0.400" in capsys.readouterr().out
 
 
-def test_recipes_refuse_contradictory_method_keys(tmp_path):
-    out = f"output_dir={tmp_path}"
-    with pytest.raises(ConfigError, match="online.judge: online DPO needs a judge"):
-        load_recipe(RECIPES / "toy.yaml", [out, "online.enabled=true"])
-    with pytest.raises(ConfigError, match="train.rounds: loss.name=simpo has no reference"):
-        load_recipe(RECIPES / "toy-simpo.yaml", [out, "train.rounds=2"])
-    with pytest.raises(ConfigError, match="data.rounds: lists 1 sources for train.rounds=3; .* give 2"):
-        load_recipe(RECIPES / "toy-iterative.yaml", [out, "data.rounds=[x.jsonl]"])
-    with pytest.raises(ConfigError, match="stage: sft trains on given responses"):
-        load_recipe(RECIPES / "toy-sft.yaml", [out, "train.rounds=2"])
-    with pytest.raises(ConfigError, match="train.batch_size: KTO estimates its reference point"):
-        load_recipe(RECIPES / "toy-kto.yaml", [out, "train.batch_size=1"])
-    with pytest.raises(ConfigError, match="online.samples: must be >= 2"):
-        load_recipe(RECIPES / "toy-online.yaml", [out, "online.samples=1"])
+@pytest.mark.parametrize("recipe, override, message", [
+    ("toy.yaml", "online.enabled=true", "online.judge: online DPO needs a judge"),
+    ("toy-simpo.yaml", "train.rounds=2", "train.rounds: loss.name=simpo has no reference"),
+    ("toy-iterative.yaml", "data.rounds=[x.jsonl]", "data.rounds: lists 1 sources for train.rounds=3; .* give 2"),
+    ("toy-sft.yaml", "train.rounds=2", "stage: sft trains on given responses"),
+    ("toy-kto.yaml", "train.batch_size=1", "train.batch_size: KTO estimates its reference point"),
+    ("toy-online.yaml", "online.samples=1", "online.samples: must be >= 2"),
+])
+def test_recipes_refuse_contradictory_method_keys(tmp_path, recipe, override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_recipe(RECIPES / recipe, [f"output_dir={tmp_path}", override])
