@@ -32,7 +32,7 @@ class ModelConfig:
     quant_storage: Literal["auto", "uint8", "bf16", "fp16", "fp32"] = "auto"  # dtype holding the packed 4-bit weights; auto: uint8, or the compute dtype under FSDP / DeepSpeed ZeRO-3 (which need it to shard them)
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # compute dtype; auto: bf16 where the GPU has it, else fp16 on GPU, fp32 on CPU
     attn_implementation: Optional[str] = None  # e.g. sdpa, eager, flash_attention_2; None lets transformers choose
-    gradient_checkpointing: bool = True  # recompute activations in backward: much less memory for ~30% more time
+    gradient_checkpointing: Union[bool, Literal["auto"]] = "auto"  # recompute a layer's activations in backward: far less memory, one more forward of it; auto: the fewest layers whose predicted peak fits the free memory of the device (checkpointing.py), every layer where that cannot be predicted
     trust_remote_code: bool = False  # run model code shipped with the checkpoint (only for models you trust)
     adapter: Optional[str] = None  # LoRA adapter (folder, or a run directory with adapter/) the policy starts from, e.g. an SFT run; frozen, it is also the reference
 

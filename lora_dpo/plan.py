@@ -12,7 +12,9 @@ bytes per element of the compute dtype; tokens: rows x width of the worst batch,
                        keeps them in 16 bits
     adapter            LoRA weights and gradients in fp32 (peft upcasts them), 8 bytes per parameter
     optimizer          AdamW: two fp32 moments (8 bytes per parameter); paged 8-bit AdamW: 2
-    checkpointed acts  layers x tokens x hidden x s: each layer's input, kept for backward (0 when offloaded)
+    checkpointed acts  checkpointed layers x tokens x hidden x s: each such layer's input, kept for backward
+                       (0 when offloaded)
+    activations        the other layers x tokens x what one layer keeps for backward (layer_activation_parts)
     layer recompute    tokens x (one layer's saved activations + its gradients): backward recomputes one
                        layer at a time; a tiled MLP holds one slice of its intermediates
     log-prob head      4 x one chunk of float32 logits (logps.LOGITS_BUDGET_BYTES, whatever the vocabulary): the
@@ -113,6 +115,8 @@ class Setting:
     embeddings_on_cpu: bool = False
     mlp_chunks: int = 1
     eval_batch: int = 8  # pairs per no-grad forward: the reference pass and evaluation (eval.batch_size)
+    checkpointed: int | None = None  # layers checkpointed when gradient_checkpointing (None: every one)
+    auto_checkpointing: bool = False  # model.gradient_checkpointing: auto (the fewest layers that fit; checkpointing.py)
     # (plain width, shared width, completion tokens) of each training pair after truncation: prompt + the longer
     # reply, prompt + both replies, both replies; None: every sequence at max_length (no data, or data not read)
     widths: tuple[tuple[int, int, int], ...] | None = None
@@ -125,7 +129,8 @@ class Setting:
         autocast = t.mixed_precision in ("bf16", "fp16") or (t.mixed_precision == "auto" and m.dtype != "fp32")
         return cls(batch_size=t.batch_size, grad_accum=t.grad_accum, max_length=recipe.data.max_length,
                    dtype_bytes=_DTYPE_BYTES[m.dtype], quantization=m.quantization, double_quant=m.double_quant,
-                   gradient_checkpointing=m.gradient_checkpointing, activation_offload=t.activation_offload,
+                   gradient_checkpointing=m.gradient_checkpointing is not False,
+                   auto_checkpointing=m.gradient_checkpointing == "auto", activation_offload=t.activation_offload,
                    shared_prompt=recipe.stage == "dpo" and recipe.loss.name != "kto" and use_shared_prompt(recipe)[0],
                    lora_r=recipe.lora.r, lora_dropout=recipe.lora.dropout,
                    optimizer=t.optimizer, eager_attention=(m.attn_implementation == "eager"), autocast=autocast,
@@ -206,12 +211,13 @@ def estimate(shape: Shape, s: Setting) -> dict[str, int]:
         "adapter weights and grads": lora * 8,
         "optimizer states": lora * (2 if s.optimizer == "paged_adamw_8bit" else 8),
     }
-    if s.gradient_checkpointing:
-        out["checkpointed activations"] = 0 if s.activation_offload else shape.layers * tokens * h * e
-        out["layer recompute"] = round(tokens * (attn + held_mlp + slice_mlp + layer_grads))
-    else:
-        out["activations"] = 0 if s.activation_offload else round(shape.layers * tokens * (attn + held_mlp))
-        out["layer recompute"] = round(tokens * (slice_mlp + layer_grads))
+    k = checkpointed_layers(shape, s)
+    if k:
+        out["checkpointed activations"] = 0 if s.activation_offload else k * tokens * h * e
+    if k < shape.layers:
+        out["activations"] = 0 if s.activation_offload else round((shape.layers - k) * tokens * (attn + held_mlp))
+    # backward recomputes a checkpointed layer whole, one at a time; through the others only gradients flow
+    out["layer recompute"] = round(tokens * ((attn + held_mlp if k else 0) + slice_mlp + layer_grads))
     if s.eager_attention:  # eager attention materialises scores and probabilities per head
         out["attention scores"] = rows * shape.heads * width * width * e * 2
     # one chunk of fp32 logits at its peak, measured 4x the chunk's fp32 logits in fp32 and in bf16 (the logits, the
@@ -225,6 +231,22 @@ def estimate(shape: Shape, s: Setting) -> dict[str, int]:
         out["attention mask"] = rows * width * width
     out["reference pass"] = no_grad_pass_bytes(shape, s)
     return out
+
+
+def checkpointed_layers(shape: Shape, s: Setting) -> int:
+    if not s.gradient_checkpointing:
+        return 0
+    return shape.layers if s.checkpointed is None else min(s.checkpointed, shape.layers)
+
+
+def fewest_checkpointed(shape: Shape, s: Setting, budget: int) -> int | None:
+    """The fewest layers to checkpoint (0 to all) whose predicted allocated peak is within `budget` bytes, or
+    None when even every layer is over. The peak only falls as layers are added (each trades its activations
+    for its input), so the first that fits is the fastest."""
+    for k in range(shape.layers + 1):
+        if peak_of(estimate(shape, replace(s, gradient_checkpointing=k > 0, checkpointed=k))) <= budget:
+            return k
+    return None
 
 
 def no_grad_pass_bytes(shape: Shape, s: Setting) -> int:
@@ -271,8 +293,9 @@ def device_total(allocated: int) -> int:
 # Memory levers in the order the planner reaches for them, cheapest in time first: the embedding table in CPU
 # memory (a copy of [tokens, hidden] per step), gradient checkpointing (one more forward), a tiled MLP (one more
 # MLP forward), activation offload (two PCIe copies of every checkpoint). Each adds to the ones before it.
-LEVERS = ({"embeddings_on_cpu": True}, {"gradient_checkpointing": True}, {"mlp_chunks": 4},
-          {"activation_offload": True})
+LEVERS = ({"embeddings_on_cpu": True},
+          {"gradient_checkpointing": True, "checkpointed": None, "auto_checkpointing": False},  # every layer
+          {"mlp_chunks": 4}, {"activation_offload": True})
 
 
 def candidates(s: Setting, tied: bool = False):
@@ -286,7 +309,8 @@ def candidates(s: Setting, tied: bool = False):
     for lever in LEVERS:
         if tied and "embeddings_on_cpu" in lever:  # the head shares the table: it stays on the device anyway
             continue
-        lever = {k: max(v, getattr(current, k)) for k, v in lever.items()}  # never undo what the recipe has
+        # never undo what the recipe has (a lever's True or count); None and False are set as they are
+        lever = {k: v if v is None or v is False else max(v, getattr(current, k)) for k, v in lever.items()}
         nxt = replace(current, **lever)
         if nxt != current:
             options.append(nxt)
@@ -310,12 +334,19 @@ def propose(shape: Shape, s: Setting, budget: int) -> Setting | None:
     return None
 
 
+def checkpointing(s: Setting):
+    """What a setting's checkpointing means: auto (it is resolved per device), or on every layer, or off."""
+    return "auto" if s.auto_checkpointing else s.gradient_checkpointing
+
+
 def overrides(before: Setting, after: Setting) -> list[str]:
     keys = [("batch_size", "train.batch_size"), ("grad_accum", "train.grad_accum"), ("max_length", "data.max_length"),
-            ("gradient_checkpointing", "model.gradient_checkpointing"), ("embeddings_on_cpu", "train.embeddings_on_cpu"),
+            ("embeddings_on_cpu", "train.embeddings_on_cpu"),
             ("mlp_chunks", "train.mlp_chunks"), ("activation_offload", "train.activation_offload"),
             ("eval_batch", "eval.batch_size")]
     out = []
+    if checkpointing(before) != checkpointing(after):
+        out.append(f"model.gradient_checkpointing={'auto' if after.auto_checkpointing else str(after.gradient_checkpointing).lower()}")
     for attr, key in keys:
         a, b = getattr(before, attr), getattr(after, attr)
         if a != b:
@@ -339,7 +370,6 @@ def pair_widths(recipe) -> tuple[list[tuple[int, int]] | None, str]:
     """Each training pair's (plain, shared) width, tokenised and truncated exactly as `train` would, and a line
     saying where the lengths come from. (None, why) when the data cannot be read or is not preference pairs."""
     from .errors import UserError
-    from .grouping import row_length
 
     if recipe.stage != "dpo" or recipe.loss.name == "kto" or recipe.online.enabled:
         return None, "lengths: every sequence at max_length (data lengths are read for offline preference pairs only)"
@@ -350,8 +380,22 @@ def pair_widths(recipe) -> tuple[list[tuple[int, int]] | None, str]:
         pairs, _, _ = build_datasets(recipe.data, load_tokenizer(recipe.model), recipe.train.seed)
     except UserError as exc:
         return None, f"lengths: every sequence at max_length (the data was not read: {first_line(exc)})"
-    widths = [(row_length(p, False), row_length(p, True), len(p.chosen_ids) + len(p.rejected_ids)) for p in pairs]
-    return widths, f"lengths: the {recipe.train.batch_size} widest of the {len(widths)} training pairs in {recipe.data.train}"
+    return pair_widths_of(pairs), f"lengths: the {recipe.train.batch_size} widest of the {len(pairs)} training pairs in {recipe.data.train}"
+
+
+def pair_widths_of(pairs) -> list[tuple[int, int, int]]:
+    """(plain width, shared width, completion tokens) of each pair (Setting.widths)."""
+    from .grouping import row_length
+
+    return [(row_length(p, False), row_length(p, True), len(p.chosen_ids) + len(p.rejected_ids)) for p in pairs]
+
+
+def auto_budget(gpu_memory: int) -> int:
+    """The allocated bytes `model.gradient_checkpointing: auto` plans for on a GPU of `gpu_memory` bytes (what
+    checkpointing.resolve_auto reads from a live device: the memory free beside the CUDA context)."""
+    from .checkpointing import AUTO_HEADROOM
+
+    return int((gpu_memory - CONTEXT_BYTES) * AUTO_HEADROOM / (1 + ALLOCATOR_SLACK))
 
 
 def plan(recipe, gpu_memory: int, lengths: str = "data") -> dict:
@@ -360,12 +404,15 @@ def plan(recipe, gpu_memory: int, lengths: str = "data") -> dict:
     shape = load_shape(recipe.model)
     widths, source = pair_widths(recipe) if lengths == "data" else (None, "lengths: every sequence at max_length")
     setting = Setting.of(recipe, widths)
+    if setting.auto_checkpointing and not (recipe.online.enabled or setting.activation_offload):
+        setting = replace(setting, checkpointed=fewest_checkpointed(shape, setting, auto_budget(gpu_memory)))
     terms = estimate(shape, setting)
     allocated = peak_of(terms)
     chosen = propose(shape, setting, gpu_memory)
     rows, width, _ = worst_batch(setting)
     return {
         "shape": shape.__dict__, "gpu_memory": gpu_memory, "lengths": source, "worst_batch": [rows, width],
+        "checkpointed_layers": checkpointed_layers(shape, setting), "auto_checkpointing": setting.auto_checkpointing,
         "terms": terms, "allocated": allocated,
         "device_total": device_total(allocated), "fits": device_total(allocated) <= gpu_memory,
         "proposal": None if chosen is None else overrides(setting, chosen),
@@ -380,6 +427,8 @@ def format_plan(result: dict, recipe_path: str) -> str:
     lines = [f"model: {sh['layers']} layers, hidden {sh['hidden']}, vocab {sh['vocab']}; "
              f"GPU memory {result['gpu_memory'] / GiB:.2f} GiB",
              f"{result['lengths']}: the worst batch is {rows} rows x {width} tokens",
+             f"gradient checkpointing{' (auto: the fewest layers that fit)' if result['auto_checkpointing'] else ''}: "
+             f"{result['checkpointed_layers']} of {sh['layers']} layers",
              "predicted peak (torch.cuda.max_memory_allocated):"]
     phased = set().union(*PHASES)
     note = lambda name: ("  (step phase: the larger counts)" if name in phased else

@@ -26,6 +26,7 @@ from transformers import get_scheduler
 from . import rundir
 from .checkpoint import (TrainerState, checkpoint_dir, complete_checkpoints, find_resume_checkpoint, load_checkpoint,
                          rng_state, save_checkpoint)
+from .checkpointing import apply_auto
 from .config import Recipe, save_recipe, to_dict
 from .distributed import (PolicyLogps, check_same_global_batch, clip_params, configure_deepspeed,
                           gathered_adapter, is_main_process, is_sharded, max_over_processes, policy_of, reduce_sum,
@@ -202,6 +203,8 @@ def train(recipe: Recipe) -> dict:
         freed = embeddings_on_cpu(policy, device)
         log(f"input embeddings in CPU memory: {freed / 2**30:.2f} GiB freed on {device}" if freed else
             f"notice: train.embeddings_on_cpu has no effect here ({'the device is the CPU' if device.type == 'cpu' else 'the head shares the table'})")
+    if (line := apply_auto(recipe, policy, objective, device)) is not None:  # model.gradient_checkpointing: auto
+        log(line)
     if t.report_to:
         accelerator.init_trackers("lora-dpo", config=_flat(to_dict(recipe)))
     sampler = Sampler(recipe, tokenizer, objective.prompts("eval"), log)
@@ -435,8 +438,9 @@ def _out_of_memory_advice():
     except torch.cuda.OutOfMemoryError:
         raise UserError(
             "out of GPU memory. Reduce train.batch_size (raise train.grad_accum to keep the pairs per step), "
-            "lower data.max_length / data.max_prompt_length, keep model.gradient_checkpointing=true, "
-            "use model.quantization=nf4, or lower lora.r"
+            "lower data.max_length / data.max_prompt_length, set model.gradient_checkpointing=true (every layer; "
+            "auto plans for the memory free when the run starts), use model.quantization=nf4, or lower lora.r; "
+            "`lora-dpo plan RECIPE --gpu-memory SIZE` proposes settings that fit"
         ) from None
 
 

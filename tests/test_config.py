@@ -62,7 +62,7 @@ def test_unknown_key_suggests_nearest_valid_key(recipe_file):
         ("loss.label_smoothing=0.5", r"loss.label_smoothing: must be in \[0, 0.5\)"),
         ("train.batch_size=two", r"train.batch_size: expected an integer, got 'two'"),
         ("train.batch_size=2.5", r"train.batch_size: expected an integer, got 2.5"),
-        ("model.gradient_checkpointing=maybe", r"model.gradient_checkpointing: expected true or false"),
+        ("model.gradient_checkpointing=maybe", r"model.gradient_checkpointing: expected true or false or one of 'auto'"),
         ("loss.name=dpoo", r"loss.name: expected one of 'dpo', 'ipo', 'hinge', 'robust', 'simpo', 'orpo', 'kto', got 'dpoo'"),
         ("data.on_bad_rows=ignore", r"data.on_bad_rows: expected one of 'error', 'skip'"),
         ("train.warmup_ratio=1", r"train.warmup_ratio: must be in \[0, 1\)"),

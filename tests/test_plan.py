@@ -9,7 +9,7 @@ import pytest
 from lora_dpo.cli import main
 from lora_dpo.config import load_recipe
 from lora_dpo.logps import LOGITS_BUDGET_BYTES
-from lora_dpo.plan import GiB, Setting, Shape, device_total, estimate, load_shape, parse_memory, peak_of, propose
+from lora_dpo.plan import GiB, Setting, Shape, device_total, estimate, load_shape, parse_memory, peak_of, plan, propose
 
 LLAMA_8B = Shape(hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128, intermediate=14336, vocab=128256,
                  tied=False)
@@ -200,13 +200,14 @@ def _widths(pairs):
 
 @pytest.mark.parametrize("shared, checkpointing, chunks, dtype", [
     (False, True, 1, "fp32"), (False, True, 4, "fp32"), (True, True, 1, "fp32"), (False, False, 1, "fp32"),
-    (True, False, 4, "fp32"), (False, True, 1, "bf16"),
+    (True, False, 4, "fp32"), (False, True, 1, "bf16"), (False, 2, 1, "fp32"), (True, 1, 1, "bf16"),
 ])
 def test_the_predicted_peak_is_within_8_percent_of_the_measured_one(calibration_model, shared, checkpointing,
                                                                     chunks, dtype):
     """One DPO step (policy forward, loss, backward, AdamW step) on the batch of the 4 widest pairs, its peak
     tensor memory measured on the CPU (memtrack) on top of the model's own tensors, against `estimate` for the
-    same setting. bf16 runs under autocast, as a GPU recipe does (no fp32 copies of LoRA inputs)."""
+    same setting. bf16 runs under autocast, as a GPU recipe does (no fp32 copies of LoRA inputs). `checkpointing`:
+    every layer, none, or that many of the 4 (what `auto` chooses among)."""
     import bitsandbytes as bnb
     import torch
 
@@ -218,10 +219,12 @@ def test_the_predicted_peak_is_within_8_percent_of_the_measured_one(calibration_
     from lora_dpo.plan import peak_of, shape_from_config
     from lora_dpo.shared_prompt import collate_shared, shared_sequence_logps
     from lora_dpo.tiling import tile_mlps
+    from lora_dpo.checkpointing import checkpoint_layers
 
     folder, pairs = calibration_model
-    policy = load_policy(ModelConfig(name=str(folder), dtype=dtype, gradient_checkpointing=checkpointing),
+    policy = load_policy(ModelConfig(name=str(folder), dtype=dtype, gradient_checkpointing=bool(checkpointing)),
                          LoraConfig(r=16, dropout=0.0), torch.device("cpu"))
+    layers = checkpoint_layers(policy, 4 if checkpointing is True else int(checkpointing))
     tile_mlps(policy, chunks)
     policy.train()
     optimizer = torch.optim.AdamW(trainable_parameters(policy), lr=1e-4)
@@ -243,8 +246,10 @@ def test_the_predicted_peak_is_within_8_percent_of_the_measured_one(calibration_
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     setting = replace(SETTING, batch_size=4, grad_accum=1, max_length=512, dtype_bytes=4 if dtype == "fp32" else 2,
-                      gradient_checkpointing=checkpointing, shared_prompt=shared, optimizer="adamw",
+                      gradient_checkpointing=bool(checkpointing), checkpointed=None if checkpointing is True else int(checkpointing),
+                      shared_prompt=shared, optimizer="adamw",
                       autocast=dtype == "bf16", mlp_chunks=chunks, widths=_widths(pairs))
+    assert layers == 4
     predicted = peak_of(estimate(shape_from_config(policy.config), setting))
     assert predicted == pytest.approx(model_bytes + peak.bytes, rel=0.08)
 
@@ -272,3 +277,27 @@ def test_peak_memory_phases_count_what_is_alive_when_they_start():
         step = torch.empty(3 * mib, dtype=torch.uint8)  # train: everything alive + 3
         del step
     assert peak.phases == {"start": 16 * mib, "train": before + 11 * mib} and weights.numel()
+
+
+def test_plan_resolves_auto_checkpointing_for_the_gpu_it_is_given(tmp_path, calibration_model, capsys):
+    """`model.gradient_checkpointing: auto` (the default): no layer checkpointed where everything fits, some of
+    them as the GPU shrinks, every one (and then the other levers) where even that is over."""
+    folder, _ = calibration_model
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"output_dir: {tmp_path / 'run'}\nmodel: {{name: {folder}, quantization: none, dtype: fp32}}\n"
+                      "data: {train: x.jsonl, max_length: 1024}\ntrain: {batch_size: 8}\neval: {batch_size: 1}\n")
+
+    def planned(memory):
+        return plan(load_recipe(str(recipe)), memory)
+
+    assert main(["plan", str(recipe), "--gpu-memory", "80GB"]) == 0
+    assert "gradient checkpointing (auto: the fewest layers that fit): 0 of 4 layers" in capsys.readouterr().out
+    roomy = planned(80 * GiB)
+    layers = roomy["shape"]["layers"]
+    assert roomy["auto_checkpointing"] and roomy["checkpointed_layers"] == 0 and roomy["proposal"] == []
+    tight = planned(GiB // 2 + 1)  # the CUDA context alone is 0.5 GiB
+    assert tight["checkpointed_layers"] == layers == 4
+    between = (roomy["allocated"] + tight["allocated"]) // 2  # what auto may allocate: 85% of the free memory
+    some = planned(int(GiB // 2 + between * 1.05 / 0.85) + 2**20)
+    assert 0 < some["checkpointed_layers"] < layers and some["fits"] and some["proposal"] == []
+    assert tight["allocated"] < some["allocated"] <= between < roomy["allocated"]
