@@ -98,11 +98,16 @@ LORA_DPO_VARIANTS = {
     "shared+grouped": ["train.shared_prompt=true", "train.group_by_length=true"],
     "offload": ["train.shared_prompt=false", "train.activation_offload=true"],  # moves saved activations to the CPU: a GPU lever
     "tiled": ["train.shared_prompt=false", "train.mlp_chunks=4"],  # each MLP over 4 slices of tokens: a lower backward peak, one more MLP forward
+    # the library's default checkpointing (auto: the fewest layers that fit the free memory; the workloads name
+    # TRL's setting, every layer checkpointed, which the rows above keep)
+    "auto-ckpt": ["model.gradient_checkpointing=auto"],
+    "shared+grouped+auto-ckpt": ["train.shared_prompt=true", "train.group_by_length=true",
+                                 "model.gradient_checkpointing=auto"],
     # every memory lever at once, what `lora-dpo plan` reaches for on the smallest GPUs
     "lean": ["train.shared_prompt=true", "train.group_by_length=true", "train.embeddings_on_cpu=true",
              "train.mlp_chunks=4", "train.activation_offload=true"],
 }
-DEFAULT_VARIANTS = ("lora-dpo", "shared+grouped")  # the plain defaults and the kept levers; --levers runs all
+DEFAULT_VARIANTS = ("lora-dpo", "shared+grouped", "auto-ckpt")  # defaults, the kept levers, auto checkpointing; --levers: all
 
 
 def build_tokenizer(vocab_size: int):
@@ -358,7 +363,8 @@ def device_name() -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workload", choices=sorted(WORKLOADS), default="cpu")
-    ap.add_argument("--only", nargs="*", help="contestants to run (default: all); e.g. lora-dpo trl")
+    ap.add_argument("--only", nargs="*", help="contestants to run, any variant among them (default: the default "
+                    "variants and TRL); e.g. lora-dpo lean trl")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE]",
                     help="an extra lora-dpo variant with recipe overrides, e.g. 'grouped=train.group_by_length=true'")
     ap.add_argument("--levers", action="store_true", help="run every lora-dpo variant (each lever on its own)")
@@ -382,7 +388,7 @@ def main(argv=None) -> int:
     model_dir = build_model_folder(w["model"], work / "models" / w["model"])
     data = build_data(w, ARCHS[w["model"]]["vocab_size"], work / f"data-{args.workload}.jsonl")
     n_pairs, n_tokens = data_tokens(data)
-    variants = {k: v for k, v in LORA_DPO_VARIANTS.items() if args.levers or k in DEFAULT_VARIANTS}
+    variants = {k: v for k, v in LORA_DPO_VARIANTS.items() if args.levers or args.only or k in DEFAULT_VARIANTS}
     for spec in args.variant:
         name, _, overrides = spec.partition("=")
         variants[name] = [o for o in overrides.split(",") if o]

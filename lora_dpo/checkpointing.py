@@ -22,6 +22,14 @@ AUTO_HEADROOM = 0.85  # the share of the free memory `auto` plans for: the plann
 # measured so far, within 8% on the CPU), the allocator's fragmentation, and whatever else starts on the device
 
 
+def auto_budget(free: int) -> int:
+    """The allocated peak `auto` plans for when `free` bytes are free to this process (the allocator's slack
+    comes on top of what is allocated)."""
+    from .plan import ALLOCATOR_SLACK
+
+    return int(free * AUTO_HEADROOM / (1 + ALLOCATOR_SLACK))
+
+
 def decoder_layers(model) -> list:
     """The model's checkpointable decoder layers, in order (transformers' GradientCheckpointingLayer)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -66,7 +74,7 @@ def resolve_auto(recipe, pairs, model_config, device: torch.device, shared: bool
     """(layers to checkpoint, why) for `model.gradient_checkpointing: auto`; None: every layer (the prediction
     cannot be made). `pairs`: the training pairs (their widths size the worst batch), or None for examples that
     are not pairs (the memory model then takes every sequence at max_length: a larger, safe estimate)."""
-    from .plan import ALLOCATOR_SLACK, Setting, fewest_checkpointed, pair_widths_of, shape_from_config
+    from .plan import Setting, fewest_checkpointed, pair_widths_of, shape_from_config
 
     if recipe.online.enabled:
         return None, "online DPO: its generation's memory is not in the memory model"
@@ -83,7 +91,7 @@ def resolve_auto(recipe, pairs, model_config, device: torch.device, shared: bool
     except (AttributeError, TypeError) as exc:
         return None, f"the memory model does not read this configuration ({exc})"
     setting = replace(Setting.of(recipe, None if pairs is None else pair_widths_of(pairs)), shared_prompt=shared)
-    k = fewest_checkpointed(shape, setting, int(budget * AUTO_HEADROOM / (1 + ALLOCATOR_SLACK)))
+    k = fewest_checkpointed(shape, setting, auto_budget(budget))
     gib = budget / 2**30
     if k is None:
         return shape.layers, f"even every layer checkpointed is predicted over {AUTO_HEADROOM:.0%} of {gib:.1f} GiB"

@@ -390,14 +390,6 @@ def pair_widths_of(pairs) -> list[tuple[int, int, int]]:
     return [(row_length(p, False), row_length(p, True), len(p.chosen_ids) + len(p.rejected_ids)) for p in pairs]
 
 
-def auto_budget(gpu_memory: int) -> int:
-    """The allocated bytes `model.gradient_checkpointing: auto` plans for on a GPU of `gpu_memory` bytes (what
-    checkpointing.resolve_auto reads from a live device: the memory free beside the CUDA context)."""
-    from .checkpointing import AUTO_HEADROOM
-
-    return int((gpu_memory - CONTEXT_BYTES) * AUTO_HEADROOM / (1 + ALLOCATOR_SLACK))
-
-
 def plan(recipe, gpu_memory: int, lengths: str = "data") -> dict:
     """The prediction for the recipe as written and the proposal (None when nothing fits). lengths: `data` sizes
     the worst batch from the training pairs when they can be read, `max` at max_length."""
@@ -405,7 +397,9 @@ def plan(recipe, gpu_memory: int, lengths: str = "data") -> dict:
     widths, source = pair_widths(recipe) if lengths == "data" else (None, "lengths: every sequence at max_length")
     setting = Setting.of(recipe, widths)
     if setting.auto_checkpointing and not (recipe.online.enabled or setting.activation_offload):
-        setting = replace(setting, checkpointed=fewest_checkpointed(shape, setting, auto_budget(gpu_memory)))
+        from .checkpointing import auto_budget  # (on a live device it reads the memory free beside the CUDA context)
+
+        setting = replace(setting, checkpointed=fewest_checkpointed(shape, setting, auto_budget(gpu_memory - CONTEXT_BYTES)))
     terms = estimate(shape, setting)
     allocated = peak_of(terms)
     chosen = propose(shape, setting, gpu_memory)
