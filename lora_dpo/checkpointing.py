@@ -98,9 +98,10 @@ def resolve_auto(recipe, pairs, model_config, device: torch.device, shared: bool
     return k, f"the fewest whose predicted peak fits {AUTO_HEADROOM:.0%} of the {gib:.1f} GiB free on {device.type}"
 
 
-def apply_auto(recipe, policy, objective, device: torch.device) -> str | None:
+def apply_auto(recipe, policy, objective, device: torch.device) -> tuple[int, int, str] | None:
     """Resolve `model.gradient_checkpointing: auto` on the loaded policy (its checkpointing enabled on every
-    layer by load_policy); returns the line the run logs, or None when the recipe does not say auto."""
+    layer by load_policy): (layers checkpointed, layers, the line the run logs), or None when the recipe does
+    not say auto."""
     if recipe.model.gradient_checkpointing != "auto":
         return None
     pairs = objective.train if objective.unit == "pair" else None
@@ -108,4 +109,4 @@ def apply_auto(recipe, policy, objective, device: torch.device) -> str | None:
     n = len(decoder_layers(policy))
     k = n if k is None else k
     checkpoint_layers(policy, k)
-    return f"gradient checkpointing (auto): {k} of {n} layers ({why})"
+    return k, n, f"gradient checkpointing (auto): {k} of {n} layers ({why})"

@@ -203,8 +203,10 @@ def train(recipe: Recipe) -> dict:
         freed = embeddings_on_cpu(policy, device)
         log(f"input embeddings in CPU memory: {freed / 2**30:.2f} GiB freed on {device}" if freed else
             f"notice: train.embeddings_on_cpu has no effect here ({'the device is the CPU' if device.type == 'cpu' else 'the head shares the table'})")
-    if (line := apply_auto(recipe, policy, objective, device)) is not None:  # model.gradient_checkpointing: auto
-        log(line)
+    if (auto := apply_auto(recipe, policy, objective, device)) is not None:  # model.gradient_checkpointing: auto
+        log(auto[2])
+        if main:  # what auto chose on this device, beside the recipe that says auto
+            rundir.touch_run_info(out, checkpointed_layers=f"{auto[0]} of {auto[1]}")
     if t.report_to:
         accelerator.init_trackers("lora-dpo", config=_flat(to_dict(recipe)))
     sampler = Sampler(recipe, tokenizer, objective.prompts("eval"), log)

@@ -1,6 +1,7 @@
 """`model.gradient_checkpointing: auto`: the fewest checkpointed layers that fit, the same math whatever the
 count, a recompute only where a layer is checkpointed, and every layer where nothing can be predicted."""
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -126,6 +127,7 @@ def test_a_run_logs_what_auto_chose_and_true_keeps_every_layer(tmp_path, capsys)
     err = capsys.readouterr().err
     # the toy model is small beside any machine's free memory: nothing to recompute
     assert "gradient checkpointing (auto): 0 of 2 layers (the fewest whose predicted peak fits" in err
+    assert json.loads((tmp_path / "run" / "run_info.json").read_text())["checkpointed_layers"] == "0 of 2"
     train(_recipe(tmp_path, "model.gradient_checkpointing=true", "train.max_steps=1", "eval.num_prompts=0",
                   "overwrite=true"))
     assert "gradient checkpointing (auto)" not in capsys.readouterr().err
