@@ -53,9 +53,9 @@ def checkpoint_layers(model, k: int) -> int:
 
 
 def available_memory(device: torch.device) -> int | None:
-    """Bytes this process may still allocate on `device`, counting what it already holds: on CUDA the free
-    memory plus the caching allocator's reserve; on a CPU, Linux's MemAvailable plus the process's tensors
-    (approximated by nothing: MemAvailable alone, a lower bound). None where it cannot be told."""
+    """Bytes this process may allocate on `device` in all: on CUDA the free memory plus what the caching
+    allocator already holds; on a Linux CPU, MemAvailable (a lower bound: the model already loaded is not in
+    it). None where it cannot be told."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_reserved(device)
@@ -90,7 +90,8 @@ def resolve_auto(recipe, pairs, model_config, device: torch.device, shared: bool
         shape = shape_from_config(model_config)
     except (AttributeError, TypeError) as exc:
         return None, f"the memory model does not read this configuration ({exc})"
-    setting = replace(Setting.of(recipe, None if pairs is None else pair_widths_of(pairs)), shared_prompt=shared)
+    widths = None if pairs is None else pair_widths_of(pairs)
+    setting = replace(Setting.of(recipe, widths, model_config), shared_prompt=shared)
     k = fewest_checkpointed(shape, setting, auto_budget(budget))
     gib = budget / 2**30
     if k is None:
@@ -105,8 +106,11 @@ def apply_auto(recipe, policy, objective, device: torch.device) -> tuple[int, in
     if recipe.model.gradient_checkpointing != "auto":
         return None
     pairs = objective.train if objective.unit == "pair" else None
-    k, why = resolve_auto(recipe, pairs, policy.config, device, objective.shared)
     n = len(decoder_layers(policy))
+    if not n:  # (remote code whose layers checkpoint their own way: left as load_policy set them, every layer)
+        return 0, 0, ("gradient checkpointing (auto): every layer (the model's layers are not transformers' "
+                      "checkpointing layers)")
+    k, why = resolve_auto(recipe, pairs, policy.config, device, objective.shared)
     k = n if k is None else k
     checkpoint_layers(policy, k)
     return k, n, f"gradient checkpointing (auto): {k} of {n} layers ({why})"

@@ -122,7 +122,7 @@ class Setting:
     widths: tuple[tuple[int, int, int], ...] | None = None
 
     @classmethod
-    def of(cls, recipe, widths=None) -> "Setting":
+    def of(cls, recipe, widths=None, model_config=None) -> "Setting":
         from .shared_prompt import use_shared_prompt
 
         t, m = recipe.train, recipe.model
@@ -131,7 +131,7 @@ class Setting:
                    dtype_bytes=_DTYPE_BYTES[m.dtype], quantization=m.quantization, double_quant=m.double_quant,
                    gradient_checkpointing=m.gradient_checkpointing is not False,
                    auto_checkpointing=m.gradient_checkpointing == "auto", activation_offload=t.activation_offload,
-                   shared_prompt=recipe.stage == "dpo" and recipe.loss.name != "kto" and use_shared_prompt(recipe)[0],
+                   shared_prompt=recipe.stage == "dpo" and recipe.loss.name != "kto" and use_shared_prompt(recipe, model_config)[0],
                    lora_r=recipe.lora.r, lora_dropout=recipe.lora.dropout,
                    optimizer=t.optimizer, eager_attention=(m.attn_implementation == "eager"), autocast=autocast,
                    embeddings_on_cpu=t.embeddings_on_cpu, mlp_chunks=t.mlp_chunks, eval_batch=recipe.eval.batch_size,
