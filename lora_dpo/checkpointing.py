@@ -31,10 +31,10 @@ def auto_budget(free: int) -> int:
 
 
 def decoder_layers(model) -> list:
-    """The model's checkpointable decoder layers, in order (transformers' GradientCheckpointingLayer)."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    """The layers of the model's decoder (the language model's in a multimodal model: the layers the memory
+    model counts), in order; a peft model's base model's."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return list(getattr(causal_lm.get_decoder(), "layers", None) or [])
 
 
 def spread(k: int, n: int) -> list[bool]:
@@ -70,22 +70,29 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
+def cannot_predict(recipe, model_config) -> str | None:
+    """Why the memory model cannot size this run's checkpointing (then auto checkpoints every layer), or None."""
+    if recipe.online.enabled:
+        return "online DPO: its generation's memory is not in the memory model"
+    if recipe.train.activation_offload:
+        return "train.activation_offload: every layer's input goes to the CPU"
+    text = getattr(model_config, "text_config", None) or model_config
+    if any(getattr(text, key, None) for key in ("num_experts", "num_local_experts", "n_routed_experts")):
+        return "a mixture of experts is not in the memory model"
+    return None
+
+
 def resolve_auto(recipe, pairs, model_config, device: torch.device, shared: bool) -> tuple[int | None, str]:
     """(layers to checkpoint, why) for `model.gradient_checkpointing: auto`; None: every layer (the prediction
     cannot be made). `pairs`: the training pairs (their widths size the worst batch), or None for examples that
     are not pairs (the memory model then takes every sequence at max_length: a larger, safe estimate)."""
     from .plan import Setting, fewest_checkpointed, pair_widths_of, shape_from_config
 
-    if recipe.online.enabled:
-        return None, "online DPO: its generation's memory is not in the memory model"
-    if recipe.train.activation_offload:
-        return None, "train.activation_offload: every layer's input goes to the CPU"
+    if (why := cannot_predict(recipe, model_config)) is not None:
+        return None, why
     budget = available_memory(device)
     if budget is None:
         return None, f"the free memory of {device.type} cannot be read"
-    text = getattr(model_config, "text_config", None) or model_config
-    if any(getattr(text, key, None) for key in ("num_experts", "num_local_experts", "n_routed_experts")):
-        return None, "a mixture of experts is not in the memory model"
     try:
         shape = shape_from_config(model_config)
     except (AttributeError, TypeError) as exc:
@@ -105,11 +112,14 @@ def apply_auto(recipe, policy, objective, device: torch.device) -> tuple[int, in
     not say auto."""
     if recipe.model.gradient_checkpointing != "auto":
         return None
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = decoder_layers(policy)
+    n = len(layers)
+    if not layers or not all(isinstance(layer, GradientCheckpointingLayer) for layer in layers):
+        # (remote code whose layers checkpoint their own way: left as load_policy set them, every layer)
+        return n, n, "gradient checkpointing (auto): every layer (not transformers' checkpointing layers)"
     pairs = objective.train if objective.unit == "pair" else None
-    n = len(decoder_layers(policy))
-    if not n:  # (remote code whose layers checkpoint their own way: left as load_policy set them, every layer)
-        return 0, 0, ("gradient checkpointing (auto): every layer (the model's layers are not transformers' "
-                      "checkpointing layers)")
     k, why = resolve_auto(recipe, pairs, policy.config, device, objective.shared)
     k = n if k is None else k
     checkpoint_layers(policy, k)

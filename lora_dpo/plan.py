@@ -36,6 +36,7 @@ measurement; benchmarks/RESULTS.md and tests/test_plan.py hold its checks agains
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import math
 import re
@@ -82,11 +83,11 @@ def shape_from_config(config) -> Shape:
     )
 
 
-def load_shape(model_cfg) -> Shape:
-    """The model's Shape from its configuration file alone (AutoConfig: a Hub id or a local folder)."""
+def load_shape(model_cfg, config=None) -> Shape:
+    """The model's Shape from its configuration (`config`, or read alone: AutoConfig, a Hub id or a local folder)."""
     from .model import load_model_config
 
-    config = load_model_config(model_cfg)
+    config = config or load_model_config(model_cfg)
     try:
         return shape_from_config(config)
     except (AttributeError, TypeError) as exc:
@@ -149,7 +150,7 @@ def worst_batch(s: Setting, pairs: int | None = None) -> tuple[int, int, int]:
     cap = 2 * s.max_length if s.shared_prompt else s.max_length
     if not s.widths:
         return rows, cap, rows * cap
-    widest = sorted(s.widths, key=lambda w: w[1] if s.shared_prompt else w[0], reverse=True)[:pairs]
+    widest = heapq.nlargest(pairs, s.widths, key=lambda w: w[1] if s.shared_prompt else w[0])  # (stable, as sorted)
     width = min(cap, widest[0][1] if s.shared_prompt else widest[0][0])
     return rows, width, min(rows * width, sum(w[2] for w in widest))
 
@@ -241,12 +242,19 @@ def checkpointed_layers(shape: Shape, s: Setting) -> int:
 
 def fewest_checkpointed(shape: Shape, s: Setting, budget: int) -> int | None:
     """The fewest layers to checkpoint (0 to all) whose predicted allocated peak is within `budget` bytes, or
-    None when even every layer is over. The peak only falls as layers are added (each trades its activations
-    for its input), so the first that fits is the fastest."""
-    for k in range(shape.layers + 1):
-        if peak_of(estimate(shape, replace(s, gradient_checkpointing=k > 0, checkpointed=k))) <= budget:
-            return k
-    return None
+    None when even every layer is over. None at all is tried first: from one layer on the peak only falls as
+    layers are added (each trades its activations for its input), so a bisection finds the first that fits, the
+    fastest; but the first adds the recompute's transient, which may outweigh the one layer it frees."""
+    fits = lambda k: peak_of(estimate(shape, replace(s, gradient_checkpointing=k > 0, checkpointed=k))) <= budget
+    if fits(0):
+        return 0
+    if not fits(shape.layers):
+        return None
+    lo, hi = 1, shape.layers  # fits(hi) holds
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid + 1, hi)
+    return hi
 
 
 def no_grad_pass_bytes(shape: Shape, s: Setting) -> int:
@@ -393,13 +401,17 @@ def pair_widths_of(pairs) -> list[tuple[int, int, int]]:
 def plan(recipe, gpu_memory: int, lengths: str = "data") -> dict:
     """The prediction for the recipe as written and the proposal (None when nothing fits). lengths: `data` sizes
     the worst batch from the training pairs when they can be read, `max` at max_length."""
-    shape = load_shape(recipe.model)
-    widths, source = pair_widths(recipe) if lengths == "data" else (None, "lengths: every sequence at max_length")
-    setting = Setting.of(recipe, widths)
-    if setting.auto_checkpointing and not (recipe.online.enabled or setting.activation_offload):
-        from .checkpointing import auto_budget  # (on a live device it reads the memory free beside the CUDA context)
+    from .checkpointing import auto_budget, cannot_predict
+    from .model import load_model_config
 
-        setting = replace(setting, checkpointed=fewest_checkpointed(shape, setting, auto_budget(gpu_memory - CONTEXT_BYTES)))
+    config = load_model_config(recipe.model)
+    shape = load_shape(recipe.model, config)
+    widths, source = pair_widths(recipe) if lengths == "data" else (None, "lengths: every sequence at max_length")
+    setting = Setting.of(recipe, widths, config)
+    if setting.auto_checkpointing and cannot_predict(recipe, config) is None:
+        # (on a live device auto reads the memory free beside the CUDA context)
+        budget = auto_budget(gpu_memory - CONTEXT_BYTES)
+        setting = replace(setting, checkpointed=fewest_checkpointed(shape, setting, budget))
     terms = estimate(shape, setting)
     allocated = peak_of(terms)
     chosen = propose(shape, setting, gpu_memory)

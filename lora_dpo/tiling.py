@@ -31,9 +31,9 @@ def _tiled_forward(forward, chunks: int, x: torch.Tensor, *args, **kwargs):
 
 
 def _dense_mlps(model):
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = getattr(causal_lm.get_decoder(), "layers", None) or []
-    return [layer.mlp for layer in layers
+    from .checkpointing import decoder_layers
+
+    return [layer.mlp for layer in decoder_layers(model)
             if isinstance(getattr(layer, "mlp", None), torch.nn.Module) and not hasattr(layer.mlp, "experts")]
 
 

@@ -204,9 +204,10 @@ def train(recipe: Recipe) -> dict:
         log(f"input embeddings in CPU memory: {freed / 2**30:.2f} GiB freed on {device}" if freed else
             f"notice: train.embeddings_on_cpu has no effect here ({'the device is the CPU' if device.type == 'cpu' else 'the head shares the table'})")
     if (auto := apply_auto(recipe, policy, objective, device)) is not None:  # model.gradient_checkpointing: auto
-        log(auto[2])
+        checkpointed, layers, line = auto
+        log(line)
         if main:  # what auto chose on this device, beside the recipe that says auto
-            rundir.touch_run_info(out, checkpointed_layers=f"{auto[0]} of {auto[1]}")
+            rundir.touch_run_info(out, checkpointed_layers=f"{checkpointed} of {layers}")
     if t.report_to:
         accelerator.init_trackers("lora-dpo", config=_flat(to_dict(recipe)))
     sampler = Sampler(recipe, tokenizer, objective.prompts("eval"), log)
@@ -398,12 +399,12 @@ class _Discard:
         pass
 
 
-# Keys a resumed run may change: how long it trains and what it records, not what it computes.
+# Keys a resumed run may change: how long it trains, what it records and how it spends memory, not what it computes.
 # The split of the global batch into batch_size x grad_accum x processes may change too: it is checked on its own.
 RESUMABLE_CHANGES = {"resume", "overwrite", "train.epochs", "train.max_steps", "train.eval_every", "train.save_every",
                      "train.keep_last", "train.log_every", "train.report_to", "train.batch_size", "train.grad_accum",
                      "train.reference_cache", "train.activation_offload", "train.embeddings_on_cpu",
-                     "train.mlp_chunks"}
+                     "train.mlp_chunks", "model.gradient_checkpointing"}
 
 
 def _check_same_recipe(recipe: Recipe, saved_path: Path) -> None:

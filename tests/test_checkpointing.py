@@ -77,7 +77,7 @@ def _recipe(tmp_path, *overrides):
 
 
 def test_auto_checkpoints_the_fewest_layers_that_fit_the_free_memory(tiny_llama, tmp_path, monkeypatch):
-    from lora_dpo.plan import Setting, estimate, fewest_checkpointed, peak_of, shape_from_config
+    from lora_dpo.plan import ALLOCATOR_SLACK, Setting, estimate, fewest_checkpointed, peak_of, shape_from_config
     from transformers import AutoConfig
 
     recipe = _recipe(tmp_path, f"model.name={tiny_llama}", "model.quantization=none", "model.dtype=fp32",
@@ -87,7 +87,7 @@ def test_auto_checkpoints_the_fewest_layers_that_fit_the_free_memory(tiny_llama,
     setting = Setting.of(recipe)
     peaks = [peak_of(estimate(shape, replace(setting, gradient_checkpointing=k > 0, checkpointed=k)))
              for k in range(shape.layers + 1)]
-    assert peaks == sorted(peaks, reverse=True) and peaks[0] > peaks[-1]  # each checkpointed layer saves memory
+    assert peaks[1:] == sorted(peaks[1:], reverse=True) and peaks[0] > peaks[-1]  # each layer on saves memory
     assert fewest_checkpointed(shape, setting, peaks[0]) == 0
     assert fewest_checkpointed(shape, setting, peaks[1]) == 1
     assert fewest_checkpointed(shape, setting, peaks[-1] - 1) is None
@@ -96,7 +96,7 @@ def test_auto_checkpoints_the_fewest_layers_that_fit_the_free_memory(tiny_llama,
         monkeypatch.setattr(checkpointing, "available_memory", lambda device: nbytes)
         return resolve_auto(recipe, None, config, torch.device("cpu"), False)
 
-    room = lambda peak: int(peak * (1 + 0.05) / checkpointing.AUTO_HEADROOM) + 16
+    room = lambda peak: int(peak * (1 + ALLOCATOR_SLACK) / checkpointing.AUTO_HEADROOM) + 16
     assert free(10**12)[0] == 0
     assert free(room(peaks[1]))[0] == 1
     k, why = free(room(peaks[-1]) // 2)

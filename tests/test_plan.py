@@ -282,6 +282,9 @@ def test_peak_memory_phases_count_what_is_alive_when_they_start():
 def test_plan_resolves_auto_checkpointing_for_the_gpu_it_is_given(tmp_path, calibration_model, capsys):
     """`model.gradient_checkpointing: auto` (the default): no layer checkpointed where everything fits, some of
     them as the GPU shrinks, every one (and then the other levers) where even that is over."""
+    from lora_dpo.checkpointing import AUTO_HEADROOM
+    from lora_dpo.plan import ALLOCATOR_SLACK
+
     folder, _ = calibration_model
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"output_dir: {tmp_path / 'run'}\nmodel: {{name: {folder}, quantization: none, dtype: fp32}}\n"
@@ -298,6 +301,20 @@ def test_plan_resolves_auto_checkpointing_for_the_gpu_it_is_given(tmp_path, cali
     tight = planned(GiB // 2 + 1)  # the CUDA context alone is 0.5 GiB
     assert tight["checkpointed_layers"] == layers == 4
     between = (roomy["allocated"] + tight["allocated"]) // 2  # what auto may allocate: 85% of the free memory
-    some = planned(int(GiB // 2 + between * 1.05 / 0.85) + 2**20)
+    some = planned(int(GiB // 2 + between * (1 + ALLOCATOR_SLACK) / AUTO_HEADROOM) + 2**20)
     assert 0 < some["checkpointed_layers"] < layers and some["fits"] and some["proposal"] == []
     assert tight["allocated"] < some["allocated"] <= between < roomy["allocated"]
+
+
+def test_the_fewest_checkpointed_layers_are_the_first_that_fit():
+    """The bisection gives what trying 0, 1, 2, ... layers in turn would, at every budget across the range
+    (one checkpointed layer may peak above none: it adds the recompute's transient)."""
+    from lora_dpo.plan import fewest_checkpointed
+
+    s = replace(SETTING, batch_size=2, grad_accum=1)
+    peaks = [peak_of(estimate(LLAMA_8B, replace(s, gradient_checkpointing=k > 0, checkpointed=k)))
+             for k in range(LLAMA_8B.layers + 1)]
+    assert peaks[1:] == sorted(peaks[1:], reverse=True) and len(set(peaks)) > 30
+    for budget in range(peaks[-1] - 1, peaks[0] + 2, (peaks[0] - peaks[-1]) // 97):
+        first = next((k for k, peak in enumerate(peaks) if peak <= budget), None)
+        assert fewest_checkpointed(LLAMA_8B, s, budget) == first

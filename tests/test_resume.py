@@ -128,7 +128,17 @@ def test_keep_last_bounds_the_checkpoints_on_disk(recipe_path, tmp_path):
 def test_resume_refuses_a_recipe_that_trains_differently(recipe_path, tmp_path):
     train(load_recipe(recipe_path, ["train.max_steps=2"]))
     with pytest.raises(ConfigError, match=r"differs .* in loss.beta, train.lr"):
-        train(load_recipe(recipe_path, ["resume=true", "train.lr=1e-3", "loss.beta=0.3"]))
+        train(load_recipe(recipe_path, ["resume=true", "train.lr=1e-3", "loss.beta=0.3",
+                                        "model.gradient_checkpointing=true"]))  # (not named: it changes no value)
+
+
+def test_resume_may_change_how_memory_is_spent(recipe_path, tmp_path):
+    """Checkpointing, offloading and tiling change what is kept for backward, not the values: a run saved
+    before the default became auto, or resumed on another GPU, continues."""
+    train(load_recipe(recipe_path, ["train.max_steps=2", "model.gradient_checkpointing=true"]))
+    train(load_recipe(recipe_path, ["train.max_steps=3", "resume=true", "model.gradient_checkpointing=auto",
+                                    "train.mlp_chunks=2"]))
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["split"] == "train"] == [1, 2, 3]
 
 
 def _poison(monkeypatch, bad_calls):
