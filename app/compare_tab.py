@@ -11,7 +11,7 @@ import pandas as pd
 
 from lora_dpo.compare import Comparer, Row, Sampling
 from lora_dpo.errors import UserError
-from lora_dpo.export import resolve_source
+from lora_dpo.run import resolve_source
 
 from .workspace import Workspace
 

@@ -12,9 +12,7 @@ from pathlib import Path
 import gradio as gr
 
 from lora_dpo.errors import UserError, first_line
-from lora_dpo.export import export
-from lora_dpo.hub import _scrub, check_repo_id, push
-from lora_dpo.merge import DTYPES
+from lora_dpo.export import DTYPES, check_repo_id, export, push, scrub
 
 from .workspace import Workspace
 
@@ -41,7 +39,7 @@ class ExportTab:
         except Exception as exc:  # said on the page (not as a pop-up) so that the token field is emptied too,
             # whatever failed; the message is scrubbed of the token (a Hub error may echo a header)
             text = str(exc) if isinstance(exc, UserError) else first_line(exc)
-            return f"**error**: {_scrub(text, (token or '').strip() or None)}", ""
+            return f"**error**: {scrub(text, (token or '').strip() or None)}", ""
         if lines:
             text += ["notes:", *[f"- {line}" for line in lines]]
         return "\n".join(text), ""

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from lora_dpo.errors import UserError
-from lora_dpo.metrics import read_metrics
+from lora_dpo.run import STATE_FILE, RunDir, complete_checkpoints, read_metrics
 
 LOG_NAME = "app-train.log"  # beside the run's own files; appended to, never replaced
 
@@ -102,8 +102,8 @@ class TrainingJob:
         p.remaining_s = 0.0 if code == 0 else None
         if code == 0:
             p.state = "finished"
-            eval_json = self.run_dir / "eval.json"
-            p.final = json.loads(eval_json.read_text()) if eval_json.is_file() else None
+            run = RunDir(self.run_dir)
+            p.final = json.loads(run.eval.read_text()) if run.eval.is_file() else None
         elif code == 130 and self.stop_requested:
             p.state = "stopped"
             p.checkpoint = self._new_checkpoint()
@@ -121,20 +121,18 @@ class TrainingJob:
 
     def _new_checkpoint(self) -> Optional[str]:
         """The newest complete checkpoint this job wrote, if any (a stop while preparing writes none)."""
-        from lora_dpo.checkpoint import complete_checkpoints
-
-        written = [c for c in complete_checkpoints(self.run_dir) if self._fresh(c / "trainer_state.json")]
+        written = [c for c in complete_checkpoints(self.run_dir) if self._fresh(c / STATE_FILE)]
         return written[-1].name if written else None
 
     def _fresh(self, path: Path) -> bool:
         return path.is_file() and path.stat().st_mtime >= self.started - 1
 
     def _rows(self) -> list[dict]:
-        path = self.run_dir / "metrics.jsonl"
+        path = RunDir(self.run_dir).metrics
         return read_metrics(path) if self._fresh(path) else []  # an older run's rows until the trainer starts
 
     def _total_steps(self) -> Optional[int]:
-        info = self.run_dir / "run_info.json"
+        info = RunDir(self.run_dir).run_info
         if self._fresh(info):
             try:
                 return json.loads(info.read_text()).get("total_steps")

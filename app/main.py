@@ -1,6 +1,8 @@
 """`lora-dpo app`: the Gradio app (Train, Compare, Export tabs) on the folders of one workspace.
 
-Binds to 127.0.0.1 unless --host says otherwise; --share (a public gradio.live link) is never implied;
+The command joins `lora-dpo` through the entry point `lora_dpo.commands: app` (pyproject.toml), so the training
+library never imports the app; gradio comes with the `app` extra (`pip install 'lora-dpo[app]'`, which `make
+setup` installs) and is imported only when the app starts. Binds to 127.0.0.1 unless --host says otherwise; --share (a public gradio.live link) is never implied;
 --auth USER:PASSWORD or LORA_DPO_APP_AUTH asks for a login.
 """
 
@@ -13,18 +15,20 @@ import sys
 
 from lora_dpo.errors import UserError
 
+from .workspace import Workspace
+
 AUTH_ENV = "LORA_DPO_APP_AUTH"
 
 
 def build_app(ws, jobs=None, allow_code: bool = False):
     """The app's Blocks for workspace `ws`; `jobs` is its one-job slot (a JobManager). `allow_code`: recipes
     and runs may run code from outside the package (a model's remote code, a custom eval.scorer)."""
-    import gradio as gr
+    import gradio as gr  # noqa: PLC0415 - the optional `app` extra: imported when the app is built, not for --help
 
-    from .compare_tab import CompareTab
-    from .export_tab import ExportTab
-    from .jobs import JobManager
-    from .train_tab import TrainTab
+    from .compare_tab import CompareTab  # noqa: PLC0415 - (the tabs import gradio)
+    from .export_tab import ExportTab  # noqa: PLC0415
+    from .jobs import JobManager  # noqa: PLC0415
+    from .train_tab import TrainTab  # noqa: PLC0415
 
     jobs = jobs or JobManager()
     with gr.Blocks(title="lora-dpo") as demo:
@@ -58,6 +62,7 @@ def add_parser(sub) -> None:
     a.add_argument("--allow-code", action="store_true",
                    help="let recipes and runs run code from outside lora_dpo (model.trust_remote_code, a custom "
                         "eval.scorer); only on an app no stranger can reach")
+    a.set_defaults(run=run)
 
 
 def parse_auth(text: str | None):
@@ -72,11 +77,10 @@ def parse_auth(text: str | None):
 
 def run(args) -> int:
     try:
-        import gradio
+        import gradio  # noqa: F401, PLC0415 - the optional `app` extra: say what is missing before anything starts
     except ImportError:
-        raise UserError("the app needs gradio: pip install gradio") from None
-    del gradio  # imported only to say what is missing before anything starts
-    from .workspace import Workspace
+        raise UserError("the app needs gradio, which the `app` extra installs: pip install 'lora-dpo[app]' "
+                        "(make setup does)") from None
 
     auth = parse_auth(args.auth)
     if (args.share or args.host not in ("127.0.0.1", "localhost")) and auth is None:

@@ -16,6 +16,9 @@ import socket
 import tempfile
 from pathlib import Path
 
+from .main import build_app
+from .workspace import Workspace
+
 TOY_PROMPTS = "write a review of the night river .\nwrite a review of the silver harbour .\nwrite a review of the last garden ."
 
 
@@ -32,8 +35,6 @@ def free_port() -> int:
 
 def launch(ws):
     """The app for workspace `ws` on a free localhost port, in this process; returns (demo, url)."""
-    from .main import build_app
-
     demo = build_app(ws)
     demo.queue()
     _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, server_port=free_port())
@@ -83,9 +84,7 @@ def export(page, timeout_ms: int = 300_000) -> str:
 
 def screenshots(out: Path, workdir: Path | None = None) -> list[Path]:
     """Train the toy recipe in the app, compare, export, and save one screenshot per tab in `out`."""
-    from playwright.sync_api import sync_playwright
-
-    from .workspace import Workspace
+    from playwright.sync_api import sync_playwright  # noqa: PLC0415 - optional (dev extra): the tour alone needs it
 
     root = Path(workdir or tempfile.mkdtemp(prefix="lora-dpo-tour-"))
     (root / "recipes").mkdir(parents=True, exist_ok=True)

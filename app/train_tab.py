@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import shlex
-import typing
 import shutil
 from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 
-from lora_dpo.config import LossConfig, load_recipe
+from lora_dpo import LOSSES
+from lora_dpo.config import load_recipe
 from lora_dpo.errors import UserError
-from lora_dpo.plots import series
+from lora_dpo.run import series
 
 from .jobs import JobManager, Progress, train_command
 from .workspace import Workspace
@@ -47,7 +47,7 @@ def _get(recipe, dotted: str):
 
 def _component(key: str, label: str):
     if key == "loss.name":
-        return gr.Dropdown(choices=list(typing.get_args(typing.get_type_hints(LossConfig)["name"])), label=label)
+        return gr.Dropdown(choices=list(LOSSES), label=label)  # the registry's losses, in its order
     if key in ("overwrite", "resume"):
         return gr.Checkbox(label=label)
     if key in ("train.batch_size", "train.grad_accum", "data.max_length", "lora.r", "lora.alpha"):

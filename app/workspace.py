@@ -11,8 +11,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_dpo.data import looks_like_path
+from lora_dpo.data.sources import looks_like_path
 from lora_dpo.errors import UserError
+from lora_dpo.run import RunDir
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -78,4 +79,4 @@ class Workspace:
     def finished_runs(self) -> list[str]:
         """Run directories (any depth under runs/) with a final adapter."""
         found = (p.parent.parent for p in self.runs.rglob("adapter/adapter_config.json"))
-        return sorted({self.show(p) for p in found if (p / "config.yaml").is_file()})
+        return sorted({self.show(p) for p in found if RunDir(p).config.is_file()})

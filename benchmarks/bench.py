@@ -192,10 +192,10 @@ def _peak_memory_gb() -> float:
 
 
 def run_lora_dpo(job: dict) -> dict:
-    import lora_dpo.trainer as trainer
+    import lora_dpo.toy  # noqa: F401 - registers `toy`, as the CLI does
     from lora_dpo.config import load_recipe
-    from lora_dpo.metrics import read_metrics
-    from lora_dpo.objectives import PreferenceObjective
+    from lora_dpo.run.metrics import read_metrics
+    from lora_dpo.training import loop, setup
 
     w = job["workload"]
     steps = w["pairs"] // w["batch"]
@@ -213,30 +213,30 @@ def run_lora_dpo(job: dict) -> dict:
         "eval": {"scorer": None, "num_prompts": 0},
     }
     recipe = load_recipe(None, job["overrides"], base=base)
-    load = trainer.load_policy
+    load = setup.load_policy
 
     def marked_load(*args, **kwargs):  # the memory phases: loading the model, then training
         model = load(*args, **kwargs)
         MEMORY.mark("train")
         return model
 
-    trainer.load_policy = marked_load
+    setup.load_policy = marked_load
     ref_s = [0.0]
-    compute = PreferenceObjective.prepare  # the reference pre-pass (eval_fraction 0: the training table only)
+    compute = loop.reference_tables  # the reference pre-pass (eval_fraction 0: the training table only)
 
-    def timed_reference(self, *args, **kwargs):
+    def timed_reference(*args, **kwargs):
         start = time.perf_counter()
         try:
-            return compute(self, *args, **kwargs)
+            return compute(*args, **kwargs)
         finally:
             ref_s[0] += time.perf_counter() - start
 
-    PreferenceObjective.prepare = timed_reference
-    trainer.train(recipe)
+    loop.reference_tables = timed_reference
+    loop.train(recipe)
     row = [r for r in read_metrics(Path(job["out"]) / "metrics.jsonl") if r["split"] == "train"][-1]
     train_s = w["pairs"] / row["pairs_per_s"]  # one window over every step: optimizer steps only
     out = {"train_s": train_s, "ref_s": ref_s[0], "loss": row["loss"], "peak_gb": _peak_memory_gb()}
-    from lora_dpo.plan import plan
+    from lora_dpo.cli.plan import plan
 
     out["plan_gb"] = plan(recipe, 80 * 2**30)["allocated"] / 1e9  # what `lora-dpo plan` predicts for training
     return out
@@ -249,7 +249,7 @@ def run_trl(job: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from lora_dpo.model import disable_cpu_repacking
+    from lora_dpo.model.load import disable_cpu_repacking
 
     w = job["workload"]
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[w["dtype"]]
@@ -259,7 +259,7 @@ def run_trl(job: dict) -> dict:
     model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=dtype, quantization_config=quant,
                                                  device_map={"": 0} if cuda else None)
     # the same guard lora-dpo applies: without it, bitsandbytes 0.50 on AVX512-BF16 CPUs silently zeroes the
-    # input gradients of a 4-bit layer after its first no-grad eval forward (see lora_dpo/model.py)
+    # input gradients of a 4-bit layer after its first no-grad eval forward (see lora_dpo/model/load.py)
     disable_cpu_repacking(model)
     MEMORY.mark("train")
     tok = AutoTokenizer.from_pretrained(job["model"])
@@ -322,7 +322,7 @@ def run_job(job_file: str) -> None:
     job = json.loads(Path(job_file).read_text())
     import torch
 
-    from lora_dpo.memtrack import peak_memory
+    from lora_dpo.memory.track import peak_memory
 
     fn = run_trl if job["contestant"].startswith("trl") else run_lora_dpo
     if not job.get("memory"):

@@ -4,21 +4,29 @@ the same prompts and sampling settings, each answer with its implicit reward bet
     Comparer.load([run_or_adapter, ...], base=None)         one base model, one or two adapters on it
     comparer.compare(prompts, Sampling(...), score_with)    -> list[Row]
 
-`lora-dpo compare` (add_parser, run, at the end) and the app's Compare tab both call this module.
+`lora-dpo compare` (cli/compare.py) and the app's Compare tab both call this module. Rewards use the beta each
+run ended with (adaptive beta moves it), as the run directory records it.
 The reference pane is the same network with peft's adapter switched off (`disable_adapter()`), exactly the
 pi_ref of training; A and B are two named adapters on one base, so two runs need one base in memory.
 """
 
 from __future__ import annotations
 
-import json
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .config import LossConfig
+import torch
+from peft import PeftModel
+
+from .config import LossConfig, model_config
+from .data.sources import load_rows
 from .errors import UserError, first_line
+from .model.adapters import resolve_adapter
+from .model.load import load_base_model, load_tokenizer_for
+from .model.sampling import generate, implicit_rewards
+from .run.source import Source, resolve_source
 
 REFERENCE = "reference"
 DEFAULT_BETA = LossConfig().beta  # for a bare adapter folder whose run recipe (and so its beta) is unknown
@@ -69,12 +77,6 @@ class Comparer:
              beta: Optional[float] = None, log=lambda msg: print(msg, file=sys.stderr)) -> "Comparer":
         """Load the base once (as the first run trained it: 4-bit NF4 unless its recipe says otherwise) and
         attach each adapter under its own name. `sources`: one or two run directories or adapter folders."""
-        import torch
-        from peft import PeftModel
-
-        from .export import load_source_tokenizer, resolve_source
-        from .model import load_base_model
-
         if not 1 <= len(sources) <= 2:
             raise UserError(f"--adapter: give one adapter (reference vs tuned) or two (A vs B), got {len(sources)}")
         srcs = [resolve_source(s, base) for s in sources]
@@ -84,8 +86,7 @@ class Comparer:
         labels = ["tuned"] if len(srcs) == 1 else ["A", "B"]
         adapters = []
         for label, src in zip(labels, srcs):
-            run_beta = ((src.recipe or {}).get("loss") or {}).get("beta")
-            b = beta if beta is not None else run_beta if isinstance(run_beta, (int, float)) else DEFAULT_BETA
+            b = beta if beta is not None else src.beta if src.beta is not None else DEFAULT_BETA
             adapters.append(Adapter(label, str(src.adapter_dir), str(src.run_dir) if src.run_dir else None, float(b)))
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model_cfg = _model_config(srcs[0])
@@ -97,8 +98,6 @@ class Comparer:
             if len(srcs) == 2:
                 model.load_adapter(str(srcs[1].adapter_dir), adapter_name=labels[1])
             if start:  # the run started from an adapter (an SFT run's): that adapter is its reference
-                from .model import resolve_adapter
-
                 model.load_adapter(str(resolve_adapter(start)), adapter_name=REFERENCE)
                 model.set_adapter(labels[0])
                 log(f"reference: the run's start adapter {start}")
@@ -106,14 +105,13 @@ class Comparer:
             raise UserError(f"cannot attach the adapter to {srcs[0].base_name}: {first_line(exc)}") from None
         model.eval()
         panes = [REFERENCE, "tuned"] if len(srcs) == 1 else ["A", "B"]
-        return cls(model, load_source_tokenizer(srcs[0]), adapters, srcs[0].base_name, str(dev), panes)
+        tokenizer = load_tokenizer_for(srcs[0].adapter_dir, model_cfg)
+        return cls(model, tokenizer, adapters, srcs[0].base_name, str(dev), panes)
 
     def compare(self, prompts: Sequence[str], sampling: Sampling = Sampling(), score_with: Optional[str] = None,
                 batch_size: int = 8) -> list[Row]:
         """One answer per pane per prompt, all panes sampled from the same seed; every answer scored by the
         implicit reward of `score_with` (default: the first adapter)."""
-        from .generate import generate, implicit_rewards
-
         prompts = [p for p in (str(p).strip() for p in prompts) if p]
         if not prompts:
             raise UserError("no prompt given: type at least one prompt")
@@ -139,10 +137,8 @@ class Comparer:
                     {pane: rewards[pane][i] for pane in self.panes}, score_with) for i, p in enumerate(prompts)]
 
 
-def _model_config(src):
+def _model_config(src: Source):
     """The run's model section (quantisation, dtype, revision ...) when the run is known, else the defaults."""
-    from .config import model_config
-
     section = dict((src.recipe or {}).get("model") or {})
     section["name"] = src.base_name
     if src.revision is not None:
@@ -152,9 +148,7 @@ def _model_config(src):
 
 def read_prompts(path: str | Path) -> list[str]:
     """Prompts from a file: plain text with one prompt per line, or a .json/.jsonl/.csv/.parquet dataset with
-    a `prompt` column, read by the loader training uses (data.load_rows)."""
-    from .data import load_rows
-
+    a `prompt` column, read by the loader training uses (data/sources.load_rows)."""
     path = Path(path)
     if path.suffix.lower() not in (".json", ".jsonl", ".csv", ".parquet"):
         try:
@@ -180,49 +174,3 @@ def format_rows(rows: list[Row], comparer: Comparer) -> str:
         lines += ["", f"[{i}] {row.prompt}"]
         lines += [f"  {pane:<{width}}  {row.rewards[pane]:+8.3f}  {row.answers[pane]}" for pane in comparer.panes]
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------------- the CLI
-
-EXAMPLES = """examples:
-  lora-dpo compare --adapter runs/toy --prompt "write a review of the night river ."
-  lora-dpo compare --adapter runs/a --adapter runs/b --prompts-file prompts.txt --json
-"""
-
-
-def add_parser(sub) -> None:
-    import argparse
-
-    c = sub.add_parser("compare", help="answers of the reference and a tuned adapter (or two adapters), side by side",
-                       description="Sample answers for the same prompts from the reference (adapter off) and the "
-                                   "tuned adapter, or from adapters A and B, with each answer's implicit reward.",
-                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    c.add_argument("--adapter", action="append", required=True, metavar="DIR",
-                   help="a run directory or adapter folder; twice to compare two adapters of one base")
-    c.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
-    c.add_argument("--prompts-file", metavar="FILE", help="prompts: one per line, or .json/.jsonl rows with 'prompt'")
-    c.add_argument("--temperature", type=float, default=Sampling.temperature, help="0 decodes greedily (default %(default)s)")
-    c.add_argument("--top-p", type=float, default=Sampling.top_p, help="nucleus sampling (default %(default)s)")
-    c.add_argument("--max-new-tokens", type=int, default=Sampling.max_new_tokens, help="default %(default)s")
-    c.add_argument("--seed", type=int, default=Sampling.seed, help="sampling seed, the same for every pane")
-    c.add_argument("--score-with", choices=["tuned", "A", "B"], help="adapter whose implicit reward scores the answers")
-    c.add_argument("--beta", type=float, help="beta of the rewards (default: the run's loss.beta)")
-    c.add_argument("--base", help="the base model, when the adapter's own record does not say it")
-    c.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    c.add_argument("--json", action="store_true", help="print the rows as JSON")
-
-
-def run(args) -> int:
-    prompts = list(args.prompt) + (read_prompts(args.prompts_file) if args.prompts_file else [])
-    if not prompts:
-        raise UserError("give at least one --prompt TEXT or a --prompts-file FILE")
-    sampling = Sampling(args.temperature, args.top_p, args.max_new_tokens, args.seed)
-    sampling.check()  # before the model loads
-    comparer = Comparer.load(args.adapter, base=args.base, device=args.device, beta=args.beta)
-    rows = comparer.compare(prompts, sampling, args.score_with)
-    if args.json:
-        print(json.dumps({"base": comparer.base, "adapters": [asdict(a) for a in comparer.adapters],
-                          "sampling": asdict(sampling), "rows": [asdict(r) for r in rows]}, indent=2))
-    else:
-        print(format_rows(rows, comparer))
-    return 0

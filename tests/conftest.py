@@ -4,6 +4,7 @@ import os
 import pytest
 import torch
 
+import lora_dpo.toy  # noqa: F401 - registers the name `toy` (data, model, judge), as the CLI and the Python API do
 from tiny import chatml_tokenizer, llama3_tokenizer, plain_tokenizer, save_random_adapter, save_tiny
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -65,7 +66,7 @@ def calibration_model(tmp_path_factory):
     """A 4-layer Llama (hidden 256, MLP 768, vocab 8192) and 8 pairs of 30-200 token prompts and replies."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lora_dpo.data import EncodedPair
+    from lora_dpo.data.pairs import EncodedPair
 
     folder = tmp_path_factory.mktemp("calibration")
     torch.manual_seed(0)

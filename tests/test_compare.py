@@ -12,10 +12,10 @@ from transformers import AutoTokenizer
 from lora_dpo.cli import main
 from lora_dpo.compare import Comparer, Sampling, read_prompts
 from lora_dpo.config import ModelConfig
-from lora_dpo.data import encode_completion, encode_prompt
+from lora_dpo.data.tokenize import encode_completion, encode_prompt
 from lora_dpo.errors import UserError
-from lora_dpo.generate import generate
-from lora_dpo.model import load_base_model
+from lora_dpo.model.sampling import generate
+from lora_dpo.model.load import load_base_model
 
 PROMPTS = ["write a short review of the film night train .", "is it good ?", "what is the capital of France?"]
 SAMPLING = Sampling(temperature=1.0, top_p=0.9, max_new_tokens=12, seed=3)

@@ -10,9 +10,9 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lora_dpo.config import load_recipe
-from lora_dpo.generate import generate
+from lora_dpo.model.sampling import generate
 from lora_dpo.toy import is_grammatical, positive_share, toy_model_path
-from lora_dpo.trainer import train
+from lora_dpo.training.loop import train
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "toy.yaml"
 

@@ -115,3 +115,27 @@ def save_random_adapter(folder: Path, base: Path, seed: int = 0, scale: float = 
     peft.save_pretrained(folder)
     AutoTokenizer.from_pretrained(base).save_pretrained(folder)
     return folder
+
+
+def shared_sequence_logps(model, batch, chunk_tokens=None):
+    """The summed log-probs of a shared-prompt batch (data/batches.collate_shared): 2 sequences (chosen, then
+    rejected) per row, through the one log-prob function of both layouts."""
+    from lora_dpo.core.logps import completion_logps
+    from lora_dpo.data.batches import forward_inputs
+
+    return completion_logps(model, forward_inputs(batch), 2 * batch["input_ids"].shape[0], chunk_tokens)
+
+
+REPO = Path(__file__).resolve().parents[1]  # the repository: recipes/, README.md
+
+
+def random_pairs(vocab: int, seed: int = 0):
+    """Four EncodedPairs of random token ids, prompt/chosen/rejected lengths chosen to need padding and to include
+    one-token replies."""
+    from lora_dpo.data.pairs import EncodedPair
+
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(3, vocab, (n,), generator=g).tolist()  # noqa: E731
+    lengths = [(5, 4, 6), (3, 1, 2), (7, 5, 5), (1, 3, 1)]  # (prompt, chosen, rejected): padding, 1-token replies
+    return [EncodedPair(index=i, prompt="", prompt_ids=ids(p), chosen_ids=ids(c), rejected_ids=ids(r))
+            for i, (p, c, r) in enumerate(lengths)]

@@ -1,0 +1,31 @@
+"""`lora-dpo data RECIPE [KEY=VALUE ...] [--json]`: check a recipe's data and print its report; loads no model."""
+
+from __future__ import annotations
+
+import json
+
+from ..config import Recipe, load_recipe
+from ..data.report import DataReport
+from ..methods import method_class
+from ..model.load import load_tokenizer
+from .arguments import add_recipe_arguments
+
+
+def add_parser(sub) -> None:
+    d = sub.add_parser("data", help="check a recipe's data and print its report, without loading the model")
+    add_recipe_arguments(d, None, "data.train=pairs.jsonl")
+    d.add_argument("--json", action="store_true", help="print the report as JSON")
+    d.set_defaults(run=run)
+
+
+def inspect_data(recipe: Recipe) -> DataReport:
+    """The data report of a recipe: loads only the tokenizer, builds the examples exactly as `train` would (the
+    recipe's method's, with the same tokenisation, truncation and eval split), and returns the report. Raises
+    DataError or ConfigError for what the user must fix."""
+    return method_class(recipe).load(recipe, load_tokenizer(recipe.model)).report
+
+
+def run(args) -> int:
+    report = inspect_data(load_recipe(args.recipe, args.overrides))
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
+    return 0

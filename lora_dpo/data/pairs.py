@@ -1,0 +1,161 @@
+"""Preference pairs: rows of any recognised format (formats.py) normalised, tokenised, truncated and split into
+training and held-out pairs, with the data report of what happened to them.
+
+One normalised row is `{"prompt": str | list[message], "chosen": str, "rejected": str}` where a message is
+`{"role": ..., "content": ...}` and chosen/rejected are the text of one assistant reply.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from jinja2.exceptions import TemplateError  # jinja2 renders chat templates; torch depends on it
+
+from ..config import DataConfig
+from ..errors import DataError
+from .formats import RowError, detect_format, malformed_rows, normalise_row
+from .report import DataReport, measure, profile
+from .sources import eval_rows, train_rows
+from .tokenize import Prompt, encode_completions, encode_prompts, render_prompt, truncate_prompt
+
+
+@dataclass
+class EncodedPair:
+    index: int  # row index in the source dataset split (0-based), for messages and caching
+    prompt: Prompt  # normalised prompt (system prompt applied), kept for generation
+    prompt_ids: list[int]  # rendered prompt, generation prompt included; cut from the left if too long
+    chosen_ids: list[int]  # completion tokens, ends with EOS unless truncated
+    rejected_ids: list[int]
+
+
+def new_report(cfg: DataConfig, unit: str = "pair") -> DataReport:
+    """An empty report of `cfg`'s training data, counting `unit`s (pairs, or single-completion examples)."""
+    return DataReport(
+        source=cfg.train, rows_read=0, formats={}, malformed={}, dropped_for_length=0, truncated_prompts=0,
+        truncated_completions=0, train_pairs=0, eval_pairs=0, max_length=cfg.max_length,
+        max_prompt_length=cfg.prompt_budget, unit=unit,
+    )  # fmt: skip
+
+
+def truncate_pair(p: list[int], c: list[int], r: list[int], max_length: int, max_prompt: int, bos):
+    """(prompt, chosen, rejected, prompt_cut, completions_cut), or None when the pair cannot fit."""
+    prompt_cut = len(p) > max_prompt
+    p = truncate_prompt(p, max_prompt, bos)
+    budget = max_length - len(p)
+    if budget < 1:
+        return None
+    cuts = (len(c) > budget) + (len(r) > budget)
+    c, r = c[:budget], r[:budget]
+    if c == r:  # the difference was cut off: the pair no longer says which reply is better
+        return None
+    return p, c, r, prompt_cut, cuts
+
+
+def _encode_source(
+    rows, label: str, cfg: DataConfig, tokenizer, report: DataReport
+) -> tuple[list[EncodedPair], list]:
+    """Normalise, validate, tokenise and truncate every row of one split; update `report`'s counts.
+    Returns the kept pairs and every valid row measured before truncation (dropped pairs included)."""
+    if len(rows) == 0:
+        raise DataError(f"{label}: no rows")
+    records = rows.to_list()  # one conversion from Arrow; per-row indexing would decode row by row
+    try:
+        fmt = detect_format(rows.column_names, records[0])
+    except DataError as exc:
+        raise DataError(f"{label}: {exc}") from None
+    report.rows_read += len(records)
+    report.formats[fmt] = report.formats.get(fmt, 0) + len(records)
+
+    bad: list[tuple[int, str]] = []
+    kept = []  # (index, normalised row, rendered prompt)
+    for i, record in enumerate(records):
+        try:
+            row = normalise_row(record, fmt, cfg.system_prompt)
+            kept.append((i, row, render_prompt(tokenizer, row["prompt"])))
+        except RowError as exc:
+            bad.append((i, exc.reason))
+        except TemplateError as exc:  # templates raise on conversations they refuse, e.g. roles out of order
+            bad.append((i, f"the chat template rejected the prompt ({exc})"))
+    prompts = encode_prompts(tokenizer, [text for _, _, text in kept])
+    chosen = encode_completions(tokenizer, [row["chosen"] for _, row, _ in kept])
+    rejected = encode_completions(tokenizer, [row["rejected"] for _, row, _ in kept])
+    for (i, _, _), p in zip(kept, prompts):
+        if not p:
+            bad.append((i, "prompt renders to no tokens"))
+    bad.sort()
+
+    if bad and cfg.on_bad_rows == "error":
+        raise malformed_rows(label, bad, "row" if len(bad) == 1 else "rows")
+    for _, reason in bad:
+        report.malformed[reason] = report.malformed.get(reason, 0) + 1
+
+    pairs, measured = [], []
+    for (i, row, _), p, c, r in zip(kept, prompts, chosen, rejected):
+        if not p:
+            continue
+        measured.append(measure(i, row, len(p), len(c), len(r)))
+        cut = truncate_pair(p, c, r, cfg.max_length, report.max_prompt_length, tokenizer.bos_token_id)
+        if cut is None:
+            report.dropped_for_length += 1
+            continue
+        p, c, r, prompt_cut, completions_cut = cut
+        report.truncated_prompts += prompt_cut
+        report.truncated_completions += completions_cut
+        report.truncated_pairs += bool(prompt_cut or completions_cut)
+        pairs.append(EncodedPair(index=i, prompt=row["prompt"], prompt_ids=p, chosen_ids=c, rejected_ids=r))
+    return pairs, measured
+
+
+def hold_out(n: int, fraction: float, seed: int) -> set[int]:
+    """Which of n items (or source rows) a seeded shuffle holds out for evaluation: round(fraction x n) of them,
+    at least 1 and at most n - 1 (data.eval_fraction without data.eval)."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return set(order[: min(n - 1, max(1, round(fraction * n)))])
+
+
+def build_datasets(cfg: DataConfig, tokenizer, seed: int) -> tuple[list[EncodedPair], list[EncodedPair], DataReport]:
+    """Training pairs, eval pairs and a report, from `cfg` (see `DataConfig`).
+
+    `cfg.eval` is a split name of `cfg.train`, or another dataset (a file or Hub id, read from its `test`
+    split when it has one, else `train`); when None, `cfg.eval_fraction` of the kept training pairs is held
+    out by a shuffle seeded with `seed`. Raises DataError for anything the user must fix.
+    """
+    report = new_report(cfg)
+    train, measured = _encode_source(train_rows(cfg), cfg.train, cfg, tokenizer, report)
+    profile(report, measured)
+    if not train:
+        bad = sum(report.malformed.values())
+        hint = ""
+        if report.dropped_for_length:
+            seq = report.lengths["sequence"]
+            hint = (
+                f" (prompt+completion is {seq['p50']} tokens at the median, {seq['p99']} at p99: raise "
+                f"data.max_length or data.max_prompt_length)"
+            )
+        raise DataError(
+            f"{cfg.train}: no training pairs left: {bad} malformed rows skipped, {report.dropped_for_length} "
+            f"pairs dropped for length (max_length={cfg.max_length}, max_prompt_length={cfg.prompt_budget}){hint}"
+        )
+
+    train_keys = {m.index: m.key for m in measured}
+    eval_keys: dict[int, bytes] = {}
+    evals: list[EncodedPair] = []
+    if cfg.eval is not None:
+        rows, label = eval_rows(cfg)
+        report.eval_from = f"from {label}"
+        evals, eval_measured = _encode_source(rows, label, cfg, tokenizer, report)
+        eval_keys = {m.index: m.key for m in eval_measured}
+        if not evals:
+            raise DataError(f"{label}: no eval pairs left after skipping malformed rows and dropping long pairs")
+    elif cfg.eval_fraction > 0 and len(train) >= 2:
+        held = hold_out(len(train), cfg.eval_fraction, seed)
+        evals = [p for k, p in enumerate(train) if k in held]
+        train = [p for k, p in enumerate(train) if k not in held]
+        report.eval_from = f"{cfg.eval_fraction:g} of train held out, seed {seed}"
+        eval_keys = train_keys
+    train_set = {train_keys[p.index] for p in train}
+    report.eval_in_train = sum(eval_keys[p.index] in train_set for p in evals)
+    report.train_pairs, report.eval_pairs = len(train), len(evals)
+    return train, evals, report

@@ -1,0 +1,135 @@
+"""Where rows come from: a named source (the toy world registers `toy`), a local .json/.jsonl/.csv/.parquet file
+or folder, or a Hub dataset id; one split of it, or the eval split a recipe names."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable
+
+import datasets
+
+from ..config import DataConfig
+from ..errors import DataError, first_line
+
+# name -> a function returning {split: local file}: datasets a module of lora-dpo builds itself (`toy`). A name
+# here is neither a path nor a Hub id.
+NAMED_SOURCES: dict[str, Callable[[], dict[str, str]]] = {}
+
+# local file suffix -> the `datasets` builder that reads it (json also reads a top-level JSON array)
+_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+_COMPRESSED = {".gz", ".bz2", ".xz", ".zst", ".zip"}  # datasets decompresses these itself: data.jsonl.gz
+# suffixes that mark a string as a file path rather than a Hub id, so a missing one is reported as a file
+_FILE_SUFFIXES = set(_BUILDERS) | _COMPRESSED | {".txt", ".tsv", ".arrow", ".xlsx", ".yaml", ".yml"}
+
+
+def register_source(name: str, files: Callable[[], dict[str, str]]) -> None:
+    """Make `name` a valid data.train / data.eval: `files()` returns {split: path of a local json/jsonl file}
+    (built on first use if need be)."""
+    NAMED_SOURCES[name] = files
+
+
+class SplitError(DataError):
+    """The source exists but has no such split."""
+
+
+def _suffix(path: Path) -> str:
+    suffixes = [s.lower() for s in path.suffixes]
+    if len(suffixes) >= 2 and suffixes[-1] in _COMPRESSED:
+        return suffixes[-2]
+    return suffixes[-1] if suffixes else ""
+
+
+def looks_like_path(source: str) -> bool:
+    """A data or model name meant as a file or folder, rather than a named source or a Hub id."""
+    # Hub ids are `name` or `owner/name`; anything else with a separator or a file suffix is meant as a path
+    return (
+        source.startswith((".", "/", "~"))
+        or "\\" in source
+        or source.count("/") > 1
+        or Path(source).suffix.lower() in _FILE_SUFFIXES
+    )
+
+
+def _load_local(source: str, *args, **kwargs) -> "datasets.DatasetDict":
+    try:
+        return datasets.load_dataset(*args, **kwargs)
+    except Exception as exc:  # a parse error deep inside datasets; the user needs the file and the reason
+        raise DataError(f"{source}: could not be read: {first_line(exc)}") from None
+
+
+def _open_local(source: str) -> "datasets.DatasetDict | None":
+    """Every split of a named source, a local file (split `train`) or folder; None for a Hub id."""
+    if source in NAMED_SOURCES:
+        return _load_local(source, "json", data_files=NAMED_SOURCES[source]())
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _load_local(source, str(path))
+    if path.is_file():
+        suffix = _suffix(path)
+        if suffix not in _BUILDERS:
+            raise DataError(f"{source}: unsupported file type '{suffix}'; use .json, .jsonl, .csv or .parquet")
+        return _load_local(source, _BUILDERS[suffix], data_files=str(path))
+    if looks_like_path(source):
+        raise DataError(f"{source}: no such file or folder")
+    return None
+
+
+def load_split(source: str, splits: tuple[str, ...]) -> tuple["datasets.Dataset", str]:
+    """The first of `splits` that `source` has, and its name."""
+    local = _open_local(source)
+    if local is not None:
+        for split in splits:
+            if split in local:
+                return local[split], split
+        raise SplitError(f"{source}: no split '{splits[0]}'; available splits: {', '.join(local)}")
+    for split in splits:
+        try:
+            return datasets.load_dataset(source, split=split), split
+        except ValueError as exc:
+            # datasets says: Unknown split "x". Should be one of ['train', 'test'].
+            if "Unknown split" not in str(exc):
+                raise DataError(f"{source}: could not be loaded: {first_line(exc)}") from None
+            found = re.search(r"one of \[(.*)\]", str(exc))
+            available = found.group(1).replace("'", "") if found else "unknown"
+            missing = SplitError(f"{source}: no split '{splits[0]}'; available splits: {available}")
+        except Exception as exc:  # network, authentication, typo: one message, no traceback
+            raise DataError(
+                f"could not load dataset '{source}' from the Hugging Face Hub (offline? a typo in the id? "
+                f"a local file that is not there?): {first_line(exc)}"
+            ) from None
+    raise missing
+
+
+def load_rows(source: str, split: str) -> "datasets.Dataset":
+    """One split of a dataset: a named source, a local .json/.jsonl/.csv/.parquet file (its only split is
+    `train`), a local folder, or a Hub dataset id. Raises DataError: missing file, unknown split (listing the
+    available ones), a Hub dataset that cannot be loaded."""
+    return load_split(source, (split,))[0]
+
+
+def eval_is_split(name: str) -> bool:
+    # a bare word is a split of data.train, even if a folder of that name exists here (write ./name for that);
+    # a path, a file name, a named source or an owner/name Hub id is another dataset
+    return name not in NAMED_SOURCES and "/" not in name and not looks_like_path(name)
+
+
+def train_rows(cfg: DataConfig) -> "datasets.Dataset":
+    """The rows of data.train (its data.train_split), at most data.max_rows of them."""
+    rows = load_rows(cfg.train, cfg.train_split)
+    if cfg.max_rows is not None and cfg.max_rows < len(rows):
+        rows = rows.select(range(cfg.max_rows))
+    return rows
+
+
+def eval_rows(cfg: DataConfig) -> tuple["datasets.Dataset", str]:
+    """(rows, label) of data.eval: a split of data.train, or another source read from its `test` split when it
+    has one, else `train`. Call only when data.eval is set."""
+    if eval_is_split(cfg.eval):
+        try:
+            return load_rows(cfg.train, cfg.eval), f"{cfg.train} [{cfg.eval}]"
+        except SplitError as exc:
+            raise DataError(f"data.eval={cfg.eval} names a split of data.train that it lacks: {exc}; set data.eval "
+                            "to a file or dataset, or to null to hold out data.eval_fraction of data.train") from None
+    rows, split = load_split(cfg.eval, ("test", "train"))
+    return rows, f"{cfg.eval} [{split}]"

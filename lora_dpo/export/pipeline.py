@@ -1,0 +1,165 @@
+"""Export a finished run: its adapter, or the adapter merged into the 16-bit base; a model card; a Hub push.
+
+    export(source, out, merge=False, dtype="bf16", ...) -> ExportResult     the local export
+    push(folder, repo_id, private=False, revision=None, token=None, ...)  -> PushResult   the upload (hub.py)
+
+This module finds what to export (a run, one of its checkpoints, or an adapter folder: run/source.py), stages
+the export in a temporary sibling of the output folder, writes the tokenizer, recipe, plots and model card
+(card.py) beside the weights, and moves the folder into place only when everything is written: on any failure
+`out` is left as it was. The merge and its log-prob check are merge.py's; the upload is hub.py's; the command
+line is cli/export.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..config import ModelConfig
+from ..errors import UserError
+from ..model.load import load_tokenizer_for
+from ..run.rundir import staged_dir
+from ..run.source import Source, resolve_source
+from .card import hub_model_id, is_hub_id, write_card
+from .hub import check_repo_id, list_files
+from .merge import (
+    BLIND, DTYPES, VERIFY_PAIRS, SizeEstimate, Verification, check_disk, folder_bytes, format_size, log_stderr,
+    merge_and_verify, parse_device, plan_merge, verification_sequences,
+)  # fmt: skip
+
+
+def load_source_tokenizer(src: Source):
+    """The tokenizer the adapter was trained with (model/load.load_tokenizer_for)."""
+    cfg = ModelConfig(name=src.base_name, revision=src.revision, trust_remote_code=src.trust_remote_code)
+    return load_tokenizer_for(src.adapter_dir, cfg)
+
+
+# ----------------------------------------------------------------------------------------------- the export
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    kind: str  # 'adapter' or 'merged'
+    base: str  # the base as named by the run, the adapter or --base
+    base_id: Optional[str]  # its Hub id, None for a local folder
+    files: list[tuple[str, int]]  # (relative path, bytes)
+    dtype: Optional[str] = None  # merged only
+    estimate: Optional[SizeEstimate] = None  # merged only
+    verification: Optional[Verification] = None  # merged only
+
+    @property
+    def max_logp_diff(self) -> Optional[float]:
+        return self.verification.max_abs_diff if self.verification else None
+
+    def summary(self) -> str:
+        size = sum(n for _, n in self.files)
+        what = "adapter" if self.kind == "adapter" else f"merged {self.dtype} model"
+        text = f"exported the {what} to {self.out} ({len(self.files)} files, {format_size(size)})"
+        if self.verification:
+            text += "\nverified: " + self.verification.summary()
+        return text
+
+
+def _check_out(out: Path, src: Source, overwrite: bool) -> None:
+    target = out.expanduser().absolute().resolve()
+    for protected in filter(None, (src.adapter_dir, src.run_dir)):
+        p = protected.absolute().resolve()
+        if target == p or target in p.parents:
+            raise UserError(f"--out {out}: would replace the source {protected}; choose another folder")
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
+        raise UserError(f"--out {out}: already exists; choose another folder or pass --overwrite")
+
+
+def export(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    merge: bool = False,
+    dtype: str = "bf16",
+    base: Optional[str] = None,
+    base_id: Optional[str] = None,
+    device: str = "cpu",
+    max_shard_size: str = "2GB",
+    overwrite: bool = False,
+    repo_id: Optional[str] = None,
+    tolerance: Optional[float] = None,
+    verify_pairs: int = VERIFY_PAIRS,
+    trust_remote_code: Optional[bool] = None,
+    log: Callable[[str], None] = log_stderr,
+) -> ExportResult:
+    """Export a run directory or adapter folder to `out`: the adapter (default) or, with `merge`, the adapter
+    merged into the base reloaded in `dtype` ('bf16', 'fp16', 'fp32') on `device`, saved as safetensors
+    shards of at most `max_shard_size` and verified against base + adapter (see TOLERANCES; `tolerance`
+    replaces it by one absolute bound in nats). Both come with tokenizer files and a model card.
+
+    base: load this base instead of the one the run names. base_id: the base's Hub id for the card and
+    adapter_config.json when the base is a local folder. repo_id: the Hub id the export will be pushed to
+    (for the card's usage snippets). Messages go to `log`. Raises UserError for anything the user can fix;
+    on any failure `out` is left as it was.
+    """
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    if base_id is not None and not is_hub_id(base_id):
+        raise UserError(f"--base-id {base_id}: not a Hugging Face model id (OWNER/NAME)")
+    if verify_pairs < 1:
+        raise UserError(f"verify_pairs: must be >= 1, got {verify_pairs}")
+    if repo_id is not None:
+        check_repo_id(repo_id)
+    src = resolve_source(source, base)
+    out = Path(out).expanduser()
+    _check_out(out, src, overwrite)
+    base_id = base_id or hub_model_id(src.base_name)
+    repo = repo_id or str(out)
+    if trust_remote_code is None:
+        trust_remote_code = src.trust_remote_code
+    if not merge:
+        return _export_adapter(src, out, base_id, repo, log)
+    return _export_merged(src, out, base_id, repo, dtype, parse_device(device), max_shard_size, tolerance,
+                          verify_pairs, trust_remote_code, log)  # fmt: skip
+
+
+def _export_adapter(src: Source, out: Path, base_id, repo: str, log) -> ExportResult:
+    check_disk(out, folder_bytes(src.adapter_dir) + sum(p.stat().st_size for p in src.plots) + 2**20)
+    with staged_dir(out) as tmp:
+        # peft's own README.md is a blank template: ours replaces it
+        shutil.copytree(src.adapter_dir, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("README.md"))
+        if not (tmp / "tokenizer_config.json").is_file():  # a checkpoint's adapter: the base's tokenizer
+            load_source_tokenizer(src).save_pretrained(str(tmp))
+        cfg = json.loads((tmp / "adapter_config.json").read_text())
+        if base_id or Path(src.base_name).expanduser().is_dir():
+            # others load the adapter by this name: a Hub id when known, else the base as given
+            cfg["base_model_name_or_path"] = base_id or src.base_name
+            cfg["revision"] = src.revision
+            (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        write_card(tmp, src, "adapter", repo, base_id)
+    if base_id is None:
+        log(f"notice: the base '{src.base_name}' is a local folder, so the card names no base_model; "
+            "pass --base-id OWNER/NAME to name its Hub id")
+    return ExportResult(out=out, kind="adapter", base=src.base_name, base_id=base_id, files=list_files(out))
+
+
+def _export_merged(src, out, base_id, repo, dtype, device, max_shard_size, tolerance, verify_pairs, trc, log):
+    # 1. What it needs, said before anything heavy starts; refuse when the disk cannot hold it.
+    estimate = plan_merge(src, out, dtype, device, max_shard_size, trc, log)
+
+    # 2. Reference log-probs of base + adapter, merge, save; 3. reload what was written, as a user will, and compare.
+    tokenizer = load_source_tokenizer(src)
+    sequences, data = verification_sequences(src, tokenizer, verify_pairs, log)
+    with staged_dir(out) as tmp:
+        verification = merge_and_verify(tmp, src, sequences, data, dtype, device, max_shard_size, tolerance, trc, log)
+        if not verification.passed:
+            raise UserError(
+                f"merge verification failed: {verification.summary()}. Nothing was written to {out}. If this is "
+                "rounding in a very deep model, rerun with a looser --tolerance (nats per token)"
+            )
+        if verification.blind:
+            log(f"warning: {BLIND}")
+        tokenizer.save_pretrained(str(tmp))
+        write_card(tmp, src, "merged", repo, base_id, verification.summary())
+    return ExportResult(out=out, kind="merged", base=src.base_name, base_id=base_id, files=list_files(out),
+                        dtype=dtype, estimate=estimate, verification=verification)  # fmt: skip

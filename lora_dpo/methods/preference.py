@@ -1,0 +1,76 @@
+"""Offline preference pairs: DPO and every other paired loss of the registry (core/losses.py), against a
+reference or, for SimPO and ORPO, without one."""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.losses import LOSSES, chosen_nll, preference_loss
+from ..core.stats import PairStats
+from ..data.batches import collate_for, forward_inputs, to_device
+from ..data.pairs import build_datasets
+from ..model.adapters import reference_model
+from ..model.wrapped import policy_of
+from .base import Method, StepContext
+
+
+class PreferenceMethod(Method):
+    """Pairs, one concatenated forward of [chosen; rejected] (or shared-prompt rows) per micro-batch."""
+
+    @property
+    def spec(self):
+        return LOSSES[self.recipe.loss.name]
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.spec.needs_reference
+
+    @classmethod
+    def build(cls, cfg, tokenizer, seed):
+        return build_datasets(cfg, tokenizer, seed)
+
+    def collate(self, items: list) -> dict:
+        return collate_for(self.layout.shared)(items, self.pad_id)
+
+    def loss(self, model, items, positions, reference, ctx: StepContext, stats) -> torch.Tensor:
+        batch = to_device(self.collate(items), ctx.device)
+        return self.pair_losses(model, batch, reference, ctx.beta, stats)
+
+    def length_normalized(self) -> bool:
+        """On mean log-probs per token: the loss's own choice, or loss.length_normalize for a loss with a
+        reference (SimPO and ORPO are defined on means)."""
+        cfg, spec = self.recipe.loss, self.spec
+        return spec.length_normalized if cfg.length_normalize is None or not spec.needs_reference else cfg.length_normalize
+
+    def pair_losses(self, model, batch: dict, ref_sums: torch.Tensor | None, beta: float, stats: PairStats) -> torch.Tensor:
+        """Mean loss of one batch of pairs: one forward of [chosen; rejected] through `model` (a prepared
+        `PolicyLogps`); the reference from the precomputed [B, 2] table `ref_sums`, or a no-grad reference pass
+        when it is None and the loss needs one. Adds the batch's metrics to `stats`."""
+        cfg, spec = self.recipe.loss, self.spec
+        sums, counts = model(**forward_inputs(batch))
+        b = sums.shape[0] // 2
+        tokens = batch["attention_mask"].sum()
+        ref = None
+        if spec.needs_reference:
+            if ref_sums is None:
+                with reference_model(policy_of(model)):
+                    ref, _ = model(**forward_inputs(batch))
+            else:
+                ref = ref_sums.T.reshape(-1).to(sums.device)  # [B, 2] -> [chosen..., rejected...]
+        if self.length_normalized():
+            safe = counts.clamp(min=1)
+            pol, rf = sums / safe, (ref / safe if ref is not None else None)
+        else:
+            pol, rf = sums, ref
+        options = {"label_smoothing": cfg.label_smoothing, "simpo_gamma": cfg.simpo_gamma}
+        out = preference_loss(cfg.name, pol[:b], pol[b:], rf[:b] if rf is not None else None,
+                              rf[b:] if rf is not None else None, beta, **options)
+        loss = out.losses
+        if ref is None:  # no reference: no log-ratio on the data, so no kl
+            stats.add(loss, out.chosen_rewards, out.rejected_rewards, sums[:b], sums[b:], 0.0, 0.0, tokens)
+            return loss.mean()
+        if cfg.rpo_alpha > 0:
+            loss = loss + cfg.rpo_alpha * chosen_nll(sums[:b], counts[:b])
+        kl_num = (sums.detach() - ref).sum()
+        stats.add(loss, out.chosen_rewards, out.rejected_rewards, sums[:b], sums[b:], kl_num, counts.sum(), tokens)
+        return loss.mean()
