@@ -8,6 +8,7 @@ import yaml
 
 from lora_dpo_app import tour
 from lora_dpo_app.workspace import Workspace
+from tiny import REPO
 
 pytestmark = pytest.mark.browser
 
@@ -15,7 +16,7 @@ if tour.chromium_path() is None and not os.environ.get("LORA_DPO_REQUIRE_BROWSER
     pytest.skip("needs a Chromium (apt-get install chromium); CI installs it and sets LORA_DPO_REQUIRE_BROWSER",
                 allow_module_level=True)
 
-TOY = os.path.join(os.path.dirname(__file__), "..", "recipes", "toy.yaml")
+TOY = REPO / "recipes" / "toy.yaml"
 
 
 def test_click_start_see_plot_update_then_compare_and_export(tmp_path):
