@@ -78,5 +78,5 @@ class Workspace:
 
     def finished_runs(self) -> list[str]:
         """Run directories (any depth under runs/) with a final adapter."""
-        found = (p.parent.parent for p in self.runs.rglob("adapter/adapter_config.json"))
-        return sorted({self.show(p) for p in found if RunDir(p).config.is_file()})
+        found = (p.parent for p in self.runs.rglob(RunDir.CONFIG))
+        return sorted({self.show(p) for p in found if (RunDir(p).adapter / "adapter_config.json").is_file()})

@@ -6,8 +6,8 @@ The Python API (README: "From Python"):
     recipe = lora_dpo.load_recipe("recipes/toy.yaml", ["output_dir=runs/notebook"])
     result = lora_dpo.train(recipe, data=rows)   # rows: optional, a datasets.Dataset or a list of dicts
 
-Names are loaded on first use (PEP 562), so `import lora_dpo` (and `lora-dpo --help`) loads no torch, and the
-library never imports the app or gradio.
+Names are loaded on first use (PEP 562), so `import lora_dpo` loads no torch, and the library never imports the
+app or gradio.
 """
 
 import importlib

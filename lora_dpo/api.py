@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from . import toy  # noqa: F401 - registers the toy world's data, model and judge under the name `toy`
 from .config import Recipe, load_recipe
 from .data.sources import eval_is_split
 from .errors import ConfigError, DataError
@@ -64,7 +63,7 @@ def _write_rows(rows: Rows, path: Path, what: str, resuming: bool) -> str:
                           "pass the same rows, or start a new output_dir")
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_text(path, text)
-    return str(path)
+    return str(path.resolve())  # (config.yaml then names the file from any folder)
 
 
 def train(recipe: Union[Recipe, str, Path], data: Optional[Rows] = None, eval_data: Optional[Rows] = None,
@@ -85,11 +84,12 @@ def train(recipe: Union[Recipe, str, Path], data: Optional[Rows] = None, eval_da
         run.check_fresh(recipe.overwrite or resuming)  # (nothing is written into a run that would be refused)
         changes = {}
         if data is not None:
-            changes["train"] = _write_rows(data, run.path / "data" / "train.jsonl", "data", resuming)
+            changes["train"] = _write_rows(data, run.data_file("train"), "data", resuming)
+            changes["train_split"] = "train"  # (a file's one split)
             if eval_data is None and recipe.data.eval is not None and eval_is_split(recipe.data.eval):
                 changes["eval"] = None  # a split of the recipe's own data.train, which these rows replace
         if eval_data is not None:
-            changes["eval"] = _write_rows(eval_data, run.path / "data" / "eval.jsonl", "eval_data", resuming)
+            changes["eval"] = _write_rows(eval_data, run.data_file("eval"), "eval_data", resuming)
         recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, **changes))
     metrics = train_recipe(recipe)
     return TrainResult(RunDir(recipe.output_dir), metrics, recipe)

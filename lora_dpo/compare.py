@@ -52,7 +52,7 @@ class Adapter:
     label: str  # "tuned" (one adapter), or "A" / "B"
     path: str  # the adapter folder
     run: Optional[str]  # the run directory it came from, when known
-    beta: float  # the run's loss.beta: rewards are in the units training used
+    beta: float  # the beta the run ended with (adaptive beta moves it from loss.beta): the units training used
 
 
 @dataclass

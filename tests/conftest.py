@@ -4,7 +4,6 @@ import os
 import pytest
 import torch
 
-import lora_dpo.toy  # noqa: F401 - registers the name `toy` (data, model, judge), as the CLI and the Python API do
 from tiny import chatml_tokenizer, llama3_tokenizer, plain_tokenizer, save_random_adapter, save_tiny
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -29,9 +29,9 @@ def test_the_readme_snippet_runs_as_written(tmp_path, monkeypatch):
     scope: dict = {}
     exec(compile(readme_snippet(), "README.md", "exec"), scope)
     result = scope["result"]
-    assert result.run.adapter.is_dir() and (result.run.path / "data" / "train.jsonl").is_file()
+    assert result.run.adapter.is_dir() and result.run.data_file("train").is_file()
     assert "rewards/accuracies" in result.metrics and "baseline" in result.metrics
-    assert result.recipe.data.train == str(result.run.path / "data" / "train.jsonl")  # what config.yaml records
+    assert result.recipe.data.train == str(result.run.data_file("train").resolve())  # what config.yaml records
     assert lora_dpo.load_recipe(result.run.config) == result.recipe
 
 

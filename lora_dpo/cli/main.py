@@ -13,7 +13,6 @@ import os
 import sys
 from importlib.metadata import entry_points, version
 
-from .. import toy  # noqa: F401 - registers the toy world's data, model and judge under the name `toy`
 from ..errors import UserError
 from ..training.stopping import Interrupted
 from . import compare, data, export, plan, train

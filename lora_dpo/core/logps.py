@@ -21,7 +21,7 @@ Two layouts of a batch (data/batches.py builds both, and says which positions ar
 Every batch carries `score_index` (flat index into [rows x width] of the hidden state that predicts each
 scored token), `score_target` (that token) and `score_seq` (its sequence, in the plain layout's order), all
 computed on the CPU by the collate function, so the forward gathers without a data-dependent shape (no
-host-device sync). `completion_logps` serves every caller: training, evaluation, the reference pass, merge
+host-device sync; `sequence_logps`, for a batch given by a loss mask, finds them on the device). `completion_logps` serves every caller: training, evaluation, the reference pass, merge
 verification, comparison and sampling probes.
 
 transformers (5.x) passes a 4D mask given to a Llama/Qwen2-style decoder to its attention unchanged
@@ -149,9 +149,9 @@ def completion_logps(model, batch: dict, sequences: int, chunk_tokens: int | Non
     chosen of every pair, then the rejected), so the loss code cannot tell the layouts apart."""
     lp = completion_token_logps(model, batch, chunk_tokens)
     seq = batch["score_seq"]
-    sums = torch.zeros(sequences, dtype=torch.float32, device=lp.device).index_add(0, seq, lp)
-    counts = torch.bincount(seq, minlength=sequences).float()
-    return SequenceLogps(sums=sums, counts=counts)
+    zeros = torch.zeros(sequences, dtype=torch.float32, device=lp.device)
+    # (index_add, not bincount: bincount reads the indices' range back to the host, a sync on a GPU)
+    return SequenceLogps(sums=zeros.index_add(0, seq, lp), counts=zeros.index_add(0, seq, torch.ones_like(lp)))
 
 
 def score_positions(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -18,6 +18,13 @@ import math
 import torch
 
 
+def home(device: torch.device | str) -> torch.device:
+    """Where statistics of tensors on `device` accumulate: that device, but the CPU for one without float64
+    (Apple's MPS)."""
+    device = torch.device(device)
+    return torch.device("cpu") if device.type == "mps" else device
+
+
 def _on(value, device: torch.device) -> torch.Tensor:
     """A 0-d float64 tensor on `device`: a tensor converted there, a Python number filled there (a fill kernel,
     not a host-to-device copy, so nothing waits for the device)."""
@@ -61,7 +68,7 @@ class Stats:
         if unknown:
             raise KeyError(f"{type(self).__name__} has no metric {', '.join(sorted(unknown))}")
         values = [n, tokens, *sums.values(), *(x for pair in ratios.values() for x in pair)]
-        device = next((v.device for v in values if isinstance(v, torch.Tensor)), torch.device("cpu"))
+        device = home(next((v.device for v in values if isinstance(v, torch.Tensor)), torch.device("cpu")))
         zero = torch.zeros((), dtype=torch.float64, device=device)
         slots = [_on(n, device), _on(tokens, device)]
         slots += [_on(sums[k], device) if k in sums else zero for k in self.SUMMED]
@@ -116,7 +123,7 @@ class Stats:
     def state(self) -> dict:
         """Plain numbers that `from_state` turns back into the same window (for checkpoints)."""
         if self._v is None:
-            return {}
+            return {"pairs": 0, "tokens": 0, "sums": {}, "num": {}, "den": {}}
         values = self.numbers()
         n = len(self.SUMMED)
         parts = values[2 + n :]
@@ -127,7 +134,7 @@ class Stats:
     @classmethod
     def from_state(cls, state: dict) -> "Stats":
         stats = cls()
-        if state:
+        if state and (state.get("pairs") or state.get("sums") or state.get("num") or "kl_num" in state):
             num, den = dict(state.get("num", {})), dict(state.get("den", {}))
             if "kl_num" in state:  # a checkpoint written before ratios were general
                 num["kl"], den["kl"] = state["kl_num"], state["kl_den"]

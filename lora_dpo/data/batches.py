@@ -119,11 +119,15 @@ def forward_inputs(batch: dict) -> dict:
     return {k: batch[k] for k in keys}
 
 
-def sequences_in(batch: dict) -> int:
-    """Sequences a batch scores: two per row of a shared batch (chosen and rejected), else one per row."""
-    rows = batch["input_ids"].shape[0]
-    return 2 * rows if "segments" in batch else rows
-
-
 def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items()}
+    """The batch's tensors on `device`. To a GPU they go through pinned memory without blocking: a copy from
+    pageable memory would make the host wait for the GPU's queue (a sync per micro-batch)."""
+    return {k: move(v, device) for k, v in batch.items()}
+
+
+def move(tensor: torch.Tensor, device) -> torch.Tensor:
+    """A CPU tensor on `device` (see `to_device`)."""
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)

@@ -60,7 +60,7 @@ class PairStream:
         return out
 
     def order(self, epoch: int) -> list[int]:
-        """The epoch's order of positions (a subclass may regroup it: grouping.py)."""
+        """The epoch's order of positions (a subclass may regroup it: LengthGroupedStream)."""
         return epoch_order(self.n, self.seed, epoch)
 
 

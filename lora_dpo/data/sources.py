@@ -1,32 +1,22 @@
-"""Where rows come from: a named source (the toy world registers `toy`), a local .json/.jsonl/.csv/.parquet file
-or folder, or a Hub dataset id; one split of it, or the eval split a recipe names."""
+"""Where rows come from: a named source (names.py: the toy world registers `toy`), a local .json/.jsonl/.csv/.parquet
+file or folder, or a Hub dataset id; one split of it, or the eval split a recipe names."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Callable
 
 import datasets
 
+from .. import names
 from ..config import DataConfig
 from ..errors import DataError, first_line
-
-# name -> a function returning {split: local file}: datasets a module of lora-dpo builds itself (`toy`). A name
-# here is neither a path nor a Hub id.
-NAMED_SOURCES: dict[str, Callable[[], dict[str, str]]] = {}
 
 # local file suffix -> the `datasets` builder that reads it (json also reads a top-level JSON array)
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 _COMPRESSED = {".gz", ".bz2", ".xz", ".zst", ".zip"}  # datasets decompresses these itself: data.jsonl.gz
 # suffixes that mark a string as a file path rather than a Hub id, so a missing one is reported as a file
 _FILE_SUFFIXES = set(_BUILDERS) | _COMPRESSED | {".txt", ".tsv", ".arrow", ".xlsx", ".yaml", ".yml"}
-
-
-def register_source(name: str, files: Callable[[], dict[str, str]]) -> None:
-    """Make `name` a valid data.train / data.eval: `files()` returns {split: path of a local json/jsonl file}
-    (built on first use if need be)."""
-    NAMED_SOURCES[name] = files
 
 
 class SplitError(DataError):
@@ -60,8 +50,8 @@ def _load_local(source: str, *args, **kwargs) -> "datasets.DatasetDict":
 
 def _open_local(source: str) -> "datasets.DatasetDict | None":
     """Every split of a named source, a local file (split `train`) or folder; None for a Hub id."""
-    if source in NAMED_SOURCES:
-        return _load_local(source, "json", data_files=NAMED_SOURCES[source]())
+    if (files := names.lookup("data", source)) is not None:  # {split: local json file}
+        return _load_local(source, "json", data_files=files())
     path = Path(source).expanduser()
     if path.is_dir():
         return _load_local(source, str(path))
@@ -111,7 +101,7 @@ def load_rows(source: str, split: str) -> "datasets.Dataset":
 def eval_is_split(name: str) -> bool:
     # a bare word is a split of data.train, even if a folder of that name exists here (write ./name for that);
     # a path, a file name, a named source or an owner/name Hub id is another dataset
-    return name not in NAMED_SOURCES and "/" not in name and not looks_like_path(name)
+    return names.lookup("data", name) is None and "/" not in name and not looks_like_path(name)
 
 
 def train_rows(cfg: DataConfig) -> "datasets.Dataset":

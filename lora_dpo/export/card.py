@@ -18,8 +18,7 @@ from typing import Any, Optional
 from huggingface_hub import ModelCard, ModelCardData, try_to_load_from_cache
 from huggingface_hub.utils import validate_repo_id
 
-from ..data.sources import NAMED_SOURCES
-from ..model.load import MODEL_ALIASES
+from .. import names
 from ..run.rundir import RunDir
 from ..run.source import Source
 
@@ -46,8 +45,7 @@ _FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".gz", ".txt", ".tsv", 
 
 def is_hub_id(name: Optional[str]) -> bool:
     """True for `name` or `owner/name` that the Hub would accept and that is not a local file or folder."""
-    if (not name or name in MODEL_ALIASES or name in NAMED_SOURCES or name.lower().endswith(_FILE_SUFFIXES)
-            or Path(name).expanduser().exists()):
+    if not name or names.registered(name) or name.lower().endswith(_FILE_SUFFIXES) or Path(name).expanduser().exists():
         return False
     try:
         validate_repo_id(name)

@@ -64,7 +64,7 @@ FIXED_PAIRS = [
 ]
 
 
-# ------------------------------------------------------------------ messages (shared by export.py and hub.py)
+# ------------------------------------------------------------------ messages (shared by pipeline.py and hub.py)
 
 
 def log_stderr(msg: str) -> None:

@@ -31,7 +31,7 @@ of the two phases (PHASES) on top of what it keeps for backward; a no-grad pass 
 the peak is the weights, adapter and optimizer plus the larger of a step and a no-grad pass (`peak_of`). `allocated` is what
 `torch.cuda.max_memory_allocated` would report; the device total adds the CUDA context and
 the caching allocator's slack (CONTEXT_BYTES, ALLOCATOR_SLACK). Every term is a formula here, not a
-measurement; benchmarks/RESULTS.md and tests/test_plan.py hold its checks against measured peaks.
+measurement; benchmarks/RESULTS.md and tests/memory/test_plan.py hold its checks against measured peaks.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ class Setting:
     mlp_chunks: int = 1
     eval_batch: int = 8  # pairs per no-grad forward: the reference pass and evaluation (eval.batch_size)
     checkpointed: int | None = None  # layers checkpointed when gradient_checkpointing (None: every one)
-    auto_checkpointing: bool = False  # model.gradient_checkpointing: auto (the fewest layers that fit; checkpointing.py)
+    auto_checkpointing: bool = False  # model.gradient_checkpointing: auto (the fewest layers that fit; model/checkpointing.py)
     # (plain width, shared width, completion tokens) of each training pair after truncation: prompt + the longer
     # reply, prompt + both replies, both replies; None: every sequence at max_length (no data, or data not read)
     widths: tuple[tuple[int, int, int], ...] | None = None
@@ -141,7 +141,7 @@ def worst_batch(s: Setting, pairs: int | None = None) -> tuple[int, int, int]:
     return rows, width, min(rows * width, sum(w[2] for w in widest))
 
 
-# Measured on a CPU (tests/test_plan.py): the structural count below overestimates the bytes autograd keeps by
+# Measured on a CPU (tests/memory/test_plan.py): the structural count below overestimates the bytes autograd keeps by
 # 18-19% in both fp32 and bf16, because some saved tensors share storage (views, in-place results).
 SHARED_STORAGE = 0.85
 
@@ -161,7 +161,7 @@ def layer_activation_parts(shape: Shape, e: int, lora_dropout: float = 0.0, auto
     attn, mlp = e * (2 * h + 7 * q + 4 * kv), e * 4 * i
     dropout = (5 * attn_inputs, 5 * mlp_inputs) if lora_dropout > 0 else (0, 0)
     if autocast and e != 4:
-        # measured under autocast (tests/test_plan.py): no storage is shared, and both RMSNorms keep their
+        # measured under autocast (tests/memory/test_plan.py): no storage is shared, and both RMSNorms keep their
         # input in fp32 (8h)
         return attn + 8 * h + dropout[0], mlp + dropout[1]
     if e != 4:

@@ -2,7 +2,7 @@
 
 A judge is named by a spec string (the recipe key `online.judge`):
 
-    NAME                        a judge registered by name (the toy world registers `toy`: its known truth)
+    NAME                        a judge registered by name (names.py; the toy world registers `toy`: its truth)
     reward_model:PATH_OR_HUB_ID a sequence-classification reward model with num_labels == 1
     module:function             fn(prompt, completions: list[str]) -> list[float], higher is better
 """
@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from .. import names
 from ..config import import_callable
 from ..data.tokenize import Prompt, render_prompt
 from ..errors import ConfigError, first_line
@@ -118,20 +119,12 @@ class RewardModelJudge(Judge):
         return out
 
 
-JUDGES: dict[str, Callable[[], Judge]] = {}  # name -> a function building the judge (the toy world registers toy)
-
-
-def register_judge(name: str, make: Callable[[], Judge]) -> None:
-    """Make `name` a valid online.judge: `make()` builds the judge."""
-    JUDGES[name] = make
-
-
 def check_judge_spec(spec: str) -> None:
     """Validate a spec without loading a model, so a bad recipe fails before anything loads: the syntax,
     and for `module:function` the import. Raises ConfigError naming `online.judge`."""
     if not isinstance(spec, str):
         raise ConfigError(f"{KEY}: expected a string, got {spec!r}")
-    if spec in JUDGES:
+    if names.lookup("judge", spec) is not None:
         return
     if spec.startswith(REWARD_MODEL_PREFIX):
         if not spec[len(REWARD_MODEL_PREFIX) :]:
@@ -167,8 +160,8 @@ def load_judge(spec: str, device: torch.device | str | None = None, batch_size: 
     current CUDA device, else the CPU); `batch_size`: texts per reward-model forward. Raises ConfigError
     naming `online.judge`."""
     check_judge_spec(spec)
-    if spec in JUDGES:
-        return JUDGES[spec]()
+    if (make := names.lookup("judge", spec)) is not None:
+        return make()
     if spec.startswith(REWARD_MODEL_PREFIX):
         device = torch.device(device) if device is not None else _default_device()
         return _load_reward_model(spec[len(REWARD_MODEL_PREFIX) :], device, batch_size)

@@ -7,7 +7,7 @@ import torch
 
 from ..core.losses import LOSSES, kto_reference_point
 from ..core.stats import KTOStats
-from ..data.batches import collate_completions, forward_inputs, to_device
+from ..data.batches import collate_completions, forward_inputs, move, to_device
 from ..data.examples import build_completion_datasets, mismatched
 from ..model.adapters import reference_model
 from ..model.wrapped import policy_of
@@ -35,7 +35,7 @@ class KTOMethod(Method):
             with reference_model(peft_model):
                 ref, _ = model(**forward_inputs(batch))
         else:
-            ref = reference.to(sums.device)
+            ref = move(reference, sums.device)
         # the reference point z0 from this batch's mismatched examples, without gradient (KTO paper, TRL)
         kl_batch = forward_inputs(to_device(self.collate(mismatched(items, self.recipe.data.max_length)), ctx.device))
         with torch.no_grad():

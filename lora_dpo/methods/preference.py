@@ -7,7 +7,7 @@ import torch
 
 from ..core.losses import LOSSES, chosen_nll, preference_loss
 from ..core.stats import PairStats
-from ..data.batches import collate_for, forward_inputs, to_device
+from ..data.batches import collate_for, forward_inputs, move, to_device
 from ..data.pairs import build_datasets
 from ..model.adapters import reference_model
 from ..model.wrapped import policy_of
@@ -56,13 +56,13 @@ class PreferenceMethod(Method):
                 with reference_model(policy_of(model)):
                     ref, _ = model(**forward_inputs(batch))
             else:
-                ref = ref_sums.T.reshape(-1).to(sums.device)  # [B, 2] -> [chosen..., rejected...]
+                ref = move(ref_sums.T.reshape(-1), sums.device)  # [B, 2] -> [chosen..., rejected...]
         if self.length_normalized():
             safe = counts.clamp(min=1)
             pol, rf = sums / safe, (ref / safe if ref is not None else None)
         else:
             pol, rf = sums, ref
-        options = {"label_smoothing": cfg.label_smoothing, "simpo_gamma": cfg.simpo_gamma}
+        options = {key: getattr(cfg, key) for key in spec.options}  # the loss.* keys the loss reads
         out = preference_loss(cfg.name, pol[:b], pol[b:], rf[:b] if rf is not None else None,
                               rf[b:] if rf is not None else None, beta, **options)
         loss = out.losses

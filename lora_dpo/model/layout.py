@@ -6,9 +6,10 @@ can bind: the mask has no window, so a model whose window is shorter than max_le
 than in the plain layout. `true` where it is not exact is an error naming the key; `auto` then falls back to
 the plain layout and says why. SFT and KTO examples are one sequence each: the question does not arise.
 
-The trainer decides once the model has loaded (it knows the attention implementation transformers chose) and
-passes the `Layout` on to collate, forward, data order and the memory model; `lora-dpo plan` decides from the
-configuration alone.
+The trainer decides once, from the model's configuration before the model loads (so that a `true` that cannot
+hold fails early), and passes the `Layout` on to collate, forward, data order and the memory model; only if
+transformers then runs an attention that takes no 4D mask (which the configuration cannot tell) is it decided
+again, with that implementation. `lora-dpo plan` decides from the configuration alone.
 """
 
 from __future__ import annotations

@@ -1,37 +1,27 @@
 """Tokenizer and base model (4-bit NF4 or 16/32-bit), loaded as a recipe's `model` section says.
 
-`model.name` is a Hub id, a local folder, or a name registered here (`toy`, which the toy world registers and
-builds on first use).
+`model.name` is a Hub id, a local folder, or a registered name (names.py: `toy`, which the toy world builds on
+first use).
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Callable
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from .. import names
 from ..config import ModelConfig
 from ..errors import ConfigError, UserError, first_line
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
-# name -> a function returning the folder of a model that a module of lora-dpo builds itself (`toy`)
-MODEL_ALIASES: dict[str, Callable[[], Path]] = {}
-
-
-def register_model(name: str, folder: Callable[[], Path]) -> None:
-    """Make `name` a valid model.name: `folder()` returns a local model folder (built on first use if need be)."""
-    MODEL_ALIASES[name] = folder
-
-
 def resolve_model_name(name: str) -> str:
     """A registered name (`toy`) is its folder, built on first use; anything else is a Hub id or a local folder."""
-    if name in MODEL_ALIASES:
-        return str(MODEL_ALIASES[name]())
-    return name
+    folder = names.lookup("model", name)
+    return str(folder()) if folder is not None else name
 
 
 def compute_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:

@@ -4,7 +4,7 @@ Activations (`train.activation_offload`): the tensors autograd keeps for backwar
 backward needs them. With gradient checkpointing a step keeps, per decoder layer, the layer's input ([sequences, tokens, hidden]);
 for a 32-layer 8B model and 2 x 2048 tokens that is ~1 GB of GPU memory in bf16. Under this context they are
 copied to (pinned) CPU memory as they are saved and copied back in backward, for the time of two PCIe copies
-per layer. It only moves tensors, so values and gradients are unchanged (tests/test_offload.py pins that).
+per layer. It only moves tensors, so values and gradients are unchanged (tests/model/test_offload.py pins that).
 torch provides the mechanism (`torch.autograd.graph.save_on_cpu`); this module only decides when to use it.
 """
 

@@ -116,5 +116,5 @@ def score_completions(model, tokenizer, prompts: Sequence[Prompt], completions: 
 
 def implicit_rewards(model, tokenizer, prompts: Sequence[Prompt], responses: Sequence[str], beta: float) -> list[float]:
     """beta * (log pi_theta(y|x) - log pi_ref(y|x)) for each (prompt, response), summed over response tokens."""
-    policy, reference = score_completions(model, tokenizer, prompts, responses)
+    policy, reference = score_completions(model, tokenizer, prompts, responses, batch_size=max(1, len(prompts)))
     return reward_of(policy.sums, reference.sums, beta).tolist()

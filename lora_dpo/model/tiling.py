@@ -6,7 +6,7 @@ an 8B Llama, 3.5x the hidden size) are the largest part of what backward keeps o
 checkpointed, so backward holds one slice's intermediates at a time: with gradient checkpointing, the peak of
 the layer being recomputed drops by about (1 - 1/chunks) of its MLP part, at the price of one more forward of
 each MLP per step. Without gradients (reference pass, evaluation) the slices only bound the transient.
-tests/test_tiling.py pins equal log-probs and gradients and the lower peak.
+tests/model/test_tiling.py pins equal log-probs and gradients and the lower peak.
 """
 
 from __future__ import annotations

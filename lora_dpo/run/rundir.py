@@ -7,6 +7,7 @@ compare and the app read a run through it.
     adapter/             the final adapter (peft format) with tokenizer files
     checkpoints/step-N/  everything needed to resume exactly (run/checkpoint.py)
     rounds/round-K/      iterative DPO: the policy that ended round K (the next round's reference)
+    data/{train,eval}.jsonl  rows given in memory to the Python API (not an output: kept by overwrite=true)
     eval.json            final evaluation, the reference's beside it, and the run's final beta
     plots/               PNG curves (run/plots.py)
     data_report.json     what happened to the data
@@ -42,8 +43,9 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 class RunDir:
     path: Path
 
+    CONFIG = "config.yaml"  # its presence marks a run directory (the app finds runs by it)
     # Files and folders of a run; a fresh run refuses to start over them unless overwrite=true.
-    OUTPUTS = ("config.yaml", "metrics.jsonl", "adapter", "eval.json", "checkpoints", "plots",
+    OUTPUTS = (CONFIG, "metrics.jsonl", "adapter", "eval.json", "checkpoints", "plots",
                "data_report.json", "run_info.json")
 
     def __post_init__(self):
@@ -56,7 +58,7 @@ class RunDir:
     # -- the paths
     @property
     def config(self) -> Path:
-        return self.path / "config.yaml"
+        return self.path / self.CONFIG
 
     @property
     def metrics(self) -> Path:
@@ -92,6 +94,10 @@ class RunDir:
     def round(self, k: int) -> Path:
         """The adapter saved when round k ended (iterative DPO)."""
         return self.path / "rounds" / f"round-{k}"
+
+    def data_file(self, split: str) -> Path:
+        """Rows given in memory (the Python API) as the run keeps them: data/train.jsonl, data/eval.jsonl."""
+        return self.path / "data" / f"{split}.jsonl"
 
     # -- what a run holds
     def existing_outputs(self) -> list[str]:

@@ -8,8 +8,9 @@ logging, checkpoints and the processes. The same loop runs in several processes 
 only the main process writes the run directory and the terminal.
 
 Host-device syncs (each one stalls a GPU until its queue drains) are named where they happen: one per optimizer
-step (whether to apply it: a non-finite loss or gradient norm, a stop request), and the metrics once per logged
-step. Nothing in a micro-batch turns a tensor into a Python number.
+step (whether to apply it: a non-finite loss or gradient norm, a stop request), and those of a logged step (the
+window's metrics, the gradient norm, the peak memory). Nothing in a micro-batch turns a tensor into a Python
+number, indexes by a mask or copies from pageable memory (data/batches.to_device pins it).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from ..config import Recipe
-from ..core.stats import Stats
+from ..core.stats import Stats, home
 from ..data.order import PairStream, shards, step_micro_batches, training_stream
 from ..memory.track import peak_memory_gb
 from ..methods import Data, StepContext
@@ -157,24 +158,26 @@ class Session:
         s, t = self.s, self.s.recipe.train
         position = (s.state.step - self.round_start) * s.pairs_per_step  # the step's place in this round's stream
         ctx = StepContext(beta=self.beta, device=s.device, step=s.state.step)
-        stats, nonfinite = s.method.Stats(), torch.zeros((), dtype=torch.bool, device=s.device)
+        stats, nonfinite = s.method.Stats(), torch.zeros((), dtype=torch.bool, device=home(s.device))
         for positions in step_micro_batches(self.stream, position, t.batch_size, t.grad_accum, s.rank, s.world):
             with s.accelerator.accumulate(s.model):
                 items = [self.round_data[i] for i in positions]
                 reference = self.tables.train[positions] if self.tables.train is not None else None
                 with activation_offload(t.activation_offload, s.device):  # saved activations wait on the CPU
                     loss = s.method.loss(s.model, items, positions, reference, ctx, stats)
-                nonfinite = nonfinite | ~torch.isfinite(loss)
+                nonfinite = nonfinite | ~torch.isfinite(loss).to(nonfinite.device)
                 s.accelerator.backward(loss)
         # The last micro-batch synchronised the gradients: each is now the mean over the step's examples.
         assert s.accelerator.sync_gradients, "micro-batches out of step with accelerate's accumulation"
         clip = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.as_tensor(s.accelerator.clip_grad_norm_(clip_params(s.accelerator, s.model, s.params), clip))
+        grad_norm = s.accelerator.clip_grad_norm_(clip_params(s.accelerator, s.model, s.params), clip)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else torch.as_tensor(grad_norm)  # (FSDP2: a DTensor)
         # One reduction per step: the metric sums, and whether any process saw a non-finite loss or gradient
         # norm, or was asked to stop; so every process skips, logs and stops alike.
-        bad = (nonfinite | ~torch.isfinite(grad_norm.to(s.device))).to(torch.float64).reshape(1)
-        requested = torch.full((1,), float(bool(stop.requested)), dtype=torch.float64, device=s.device)
-        summed = reduce_sum(s.accelerator, torch.cat([stats.vector().to(s.device), bad, requested]))
+        where = home(s.device)  # (the statistics' device: float64 sums)
+        bad = (nonfinite | ~torch.isfinite(grad_norm.to(where))).to(torch.float64).reshape(1)
+        requested = torch.full((1,), float(bool(stop.requested)), dtype=torch.float64, device=where)
+        summed = reduce_sum(s.accelerator, torch.cat([stats.vector().to(where), bad, requested]))
         bad_steps, stops = summed[-2:].tolist()  # -- the step's one host-device sync: apply it or not --
         finite = bad_steps == 0
         if finite:  # a NaN/inf step is skipped: the adapter keeps its last good weights
@@ -197,7 +200,7 @@ class Session:
         """Log the window of steps since the last row (the metrics become Python numbers here, once)."""
         s = self.s
         row = {**self.where(), "split": "train"}
-        pairs, tokens, means = window.report()  # -- a logged step: the window's one host-device sync --
+        pairs, tokens, means = window.report()  # -- a logged step: its syncs (the window, the norm, the peak) --
         if pairs:  # a window of skipped steps only has no numbers to report
             row.update(means, grad_norm=float(grad_norm))
         row.update(probe, lr=s.scheduler.get_last_lr()[0], pairs_per_s=pairs / elapsed, tokens_per_s=tokens / elapsed,

@@ -17,7 +17,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from transformers import get_scheduler
 
 from ..config import Recipe, flat, load_scorer, save_recipe, to_dict
-from ..core.logps import attention_implementation
+from ..core.logps import MASK_ATTENTION, attention_implementation
 from ..core.losses import LOSSES
 from ..data.fingerprint import data_fingerprint
 from ..data.order import pair_widths
@@ -27,8 +27,8 @@ from ..methods.judges import check_judge_spec
 from ..model.adapters import (POLICY, REFERENCE, adapter_fingerprint, load_adapter_weights, load_policy,
                               resolve_adapter, trainable_parameters)
 from ..model.checkpointing import apply_auto
-from ..model.layout import decide_layout
-from ..model.load import load_tokenizer
+from ..model.layout import Layout, decide_layout
+from ..model.load import load_model_config, load_tokenizer
 from ..model.offload import embeddings_on_cpu
 from ..model.tiling import tile_mlps
 from ..model.wrapped import PolicyLogps, policy_of
@@ -150,8 +150,10 @@ def make_accelerator(recipe: Recipe, run: RunDir, device: torch.device) -> Accel
     )
 
 
-def load_model(recipe: Recipe, accelerator: Accelerator, tokenizer) -> tuple[object, Method]:
-    """The policy on its device with its memory levers, and the method in the layout the loaded model allows."""
+def load_model(recipe: Recipe, accelerator: Accelerator, tokenizer, layout: Layout) -> tuple[object, Method]:
+    """The policy on its device with its memory levers, and the method in its layout (decided before the model
+    loaded, from its configuration; decided again only when transformers chose an attention that takes no 4D
+    mask, which the configuration could not tell)."""
     t = recipe.train
     sharded = is_sharded(accelerator)
     configure_deepspeed(accelerator, t.batch_size, t.max_grad_norm)
@@ -163,9 +165,10 @@ def load_model(recipe: Recipe, accelerator: Accelerator, tokenizer) -> tuple[obj
     policy = load_policy(recipe.model, recipe.lora, accelerator.device, sharded, reference_adapter=t.rounds > 1)
     if t.mlp_chunks > 1:
         tile_mlps(policy, t.mlp_chunks)
-    layout = decide_layout(recipe, policy.config, attention_implementation(policy))  # the one layout decision
-    if layout.notice():
-        log(layout.notice())
+    if layout.shared and attention_implementation(policy) not in MASK_ATTENTION:
+        layout = decide_layout(recipe, policy.config, attention_implementation(policy))
+        if layout.notice():
+            log(layout.notice())
     if recipe.model.adapter:
         log(f"policy and reference start from the adapter {resolve_adapter(recipe.model.adapter)} (two adapters on "
             "one base; the lora.* keys come from it)")
@@ -217,11 +220,16 @@ def setup(recipe: Recipe) -> Setup:
         cls = method_class(recipe)
         data = cls.load(recipe, tokenizer)
         rounds = [data.train] + [cls.load_train(recipe, tokenizer, src) for src in recipe.data.rounds]
+        # how pairs are laid out (model/layout.py), from the model's configuration: a `true` that cannot hold is
+        # refused before the model loads
+        layout = decide_layout(recipe, load_model_config(recipe.model))
     log(data.report.summary())
+    if layout.notice():
+        log(layout.notice())
     rounds += [data.train] * (t.rounds - len(rounds))  # rounds without data of their own reuse data.train
 
     accelerator = make_accelerator(recipe, run, procs.device)  # (the process's device, known before precision)
-    policy, method = load_model(recipe, accelerator, tokenizer)
+    policy, method = load_model(recipe, accelerator, tokenizer, layout)
 
     # Schedule: optimizer steps from epochs (or max_steps) in each round; warmup then decay over them all. Each
     # step averages exactly pairs_per_step examples of the round's data stream (data/order.py), so the step count

@@ -20,7 +20,8 @@ from lora_dpo.data.batches import collate
 from lora_dpo.data.formats import RowError, detect_format, normalise_row
 from lora_dpo.data.pairs import EncodedPair, build_datasets
 from lora_dpo.data.report import DataReport, length_stats, percentile
-from lora_dpo.data.sources import NAMED_SOURCES, load_rows
+from lora_dpo import names
+from lora_dpo.data.sources import load_rows
 from lora_dpo.data.tokenize import encode_completion, encode_prompt
 from lora_dpo.errors import DataError
 
@@ -603,7 +604,8 @@ def test_a_hub_dataset_that_cannot_be_loaded_is_one_clear_error(monkeypatch):
 def test_toy_source_reads_the_toy_data_files(tmp_path, monkeypatch):
     train = write_jsonl(tmp_path / "train.jsonl", STANDARD)
     test = write_jsonl(tmp_path / "test.jsonl", STANDARD[:1])
-    monkeypatch.setitem(NAMED_SOURCES, "toy", lambda: {"train": str(train), "test": str(test)})  # (as the toy registers it)
+    names.load_plugins()  # (the real toy world registers itself first; this one replaces it)
+    monkeypatch.setitem(names.REGISTRY["data"], "toy", lambda: {"train": str(train), "test": str(test)})
     assert len(load_rows("toy", "train")) == 2 and len(load_rows("toy", "test")) == 1
 
 
