@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml scripts/install_torch.sh
 	$(BIN)/python -m pip install --quiet -e '.[dev,app]'
 	touch $(STAMP)
 
-# The toy world end to end on the CPU: builds the toy base model once (~1 min), trains, evaluates.
+# The toy world end to end on the CPU (its base ships with the package): trains, evaluates.
 demo: setup
 	$(BIN)/lora-dpo train recipes/toy.yaml
 

@@ -124,11 +124,12 @@ class Comparer:
                         top_p=sampling.top_p, seed=sampling.seed, batch_size=batch_size)
         answers: dict[str, list[str]] = {}
         for pane in self.panes:
+            desc = f"answers of {pane}" if len(prompts) > batch_size else None  # (a bar for more than one batch)
             if pane == REFERENCE:  # pi_ref as in training: the adapter off, or the run's start adapter
-                answers[pane] = generate(self.model, self.tokenizer, prompts, adapter=False, **settings)
+                answers[pane] = generate(self.model, self.tokenizer, prompts, adapter=False, desc=desc, **settings)
             else:
                 self.model.set_adapter(pane)
-                answers[pane] = generate(self.model, self.tokenizer, prompts, adapter=True, **settings)
+                answers[pane] = generate(self.model, self.tokenizer, prompts, adapter=True, desc=desc, **settings)
         scorer = by_label[score_with]
         self.model.set_adapter(score_with)
         rewards = {pane: implicit_rewards(self.model, self.tokenizer, prompts, [a or " " for a in texts], scorer.beta)

@@ -36,6 +36,7 @@ from ..errors import UserError, first_line
 from ..model.adapters import reference_model
 from ..model.load import DTYPES as TORCH_DTYPES
 from ..model.load import resolve_model_name
+from ..progress import progress
 from ..run.rundir import RunDir
 from ..run.source import Source
 
@@ -286,16 +287,20 @@ def merge_and_verify(
         raise UserError(f"the adapter in {src.adapter_dir} does not fit '{src.base_name}': {why}") from None
     model.eval()
     # both references in the export dtype, before the merge changes the weights in place
-    reference = completion_logps(model, sequences)
+    reference = completion_logps(model, sequences, "scoring with base + adapter")
     with reference_model(model):
-        bare = completion_logps(model, sequences)
+        bare = completion_logps(model, sequences, "scoring with the base alone")
+    log("merging the adapter into the base")
     merged = merge_adapter(model)
+    log(f"saving the merged model ({max_shard_size} shards at most)")
     merged.save_pretrained(str(folder), max_shard_size=max_shard_size)  # safetensors, generation_config.json
     del model, merged
     gc.collect()  # peft's wrappers hold reference cycles: free the merged copy before the reload
 
+    log("reloading what was saved, as a user will, to check it")
     reloaded = _load_model(str(folder), dtype, device, trust_remote_code=trust_remote_code)
-    return compare_logps(completion_logps(reloaded, sequences), reference, bare, dtype, data, tolerance)
+    got = completion_logps(reloaded, sequences, "scoring with the merged model")
+    return compare_logps(got, reference, bare, dtype, data, tolerance)
 
 
 # ----------------------------------------------------------------------------------------------- verification
@@ -344,14 +349,14 @@ def verification_sequences(src: Source, tokenizer, n: int = VERIFY_PAIRS, log=lo
     return cut, what
 
 
-def completion_logps(model, sequences) -> torch.Tensor:
+def completion_logps(model, sequences, desc: Optional[str] = None) -> torch.Tensor:
     """[M] float32 log p of every completion token of `sequences` ([(prompt_ids, completion_ids)]; M is their
     completion tokens in all). Scored as training scores them (core/logps.completion_token_logps: the output head
-    in chunks, softcapping and logit scale included), one sequence per forward."""
+    in chunks, softcapping and logit scale included), one sequence per forward. `desc`: a progress bar's title."""
     device = next(model.parameters()).device
     out = []
     with torch.no_grad():
-        for prompt, completion in sequences:
+        for prompt, completion in sequences if desc is None else progress(sequences, desc=desc, unit="sequence"):
             batch = collate_completions([EncodedExample(0, "", prompt, completion, True)], pad_id=0)
             out.append(completion_token_logps(model, forward_inputs(to_device(batch, device))).cpu())
     return torch.cat(out)

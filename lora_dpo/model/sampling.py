@@ -17,6 +17,7 @@ from ..core.losses import implicit_rewards as reward_of
 from ..data.batches import collate_completions, forward_inputs, to_device
 from ..data.examples import EncodedExample
 from ..data.tokenize import Prompt, encode_completion, encode_prompt
+from ..progress import progress
 from .adapters import reference_model
 
 # transformers fills unset flags from the model's generation_config, then from global defaults (top_k=50); these
@@ -39,7 +40,8 @@ def eval_mode(model):
 
 @torch.no_grad()
 def sample_ids(model, prompts: Sequence[list[int]], *, pad_id: int, eos_id: int, max_new_tokens: Sequence[int],
-               temperature: float, top_p: float, seed: int, batch_size: int, pure: bool = False) -> list[list[int]]:
+               temperature: float, top_p: float, seed: int, batch_size: int, pure: bool = False,
+               desc: str | None = None) -> list[list[int]]:
     """One sample per row of prompt ids from the model as it is, each up to and including its first `eos_id`
     and at most its own `max_new_tokens[i]` tokens (no EOS when cut short).
 
@@ -47,7 +49,7 @@ def sample_ids(model, prompts: Sequence[list[int]], *, pad_id: int, eos_id: int,
     where generation starts. A forked RNG seeded with `seed` draws the samples: the same seed and batches give
     the same samples, and the caller's RNG stream is untouched. temperature 0 decodes greedily; `pure` switches
     off the model's own top_k, repetition penalty and the like (PURE_SAMPLING). The model is in eval mode
-    inside (its mode is restored)."""
+    inside (its mode is restored). `desc`: show a progress bar over the batches with this title (None: quiet)."""
     device = next(model.parameters()).device
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
     if pure and temperature > 0:
@@ -55,7 +57,8 @@ def sample_ids(model, prompts: Sequence[list[int]], *, pad_id: int, eos_id: int,
     out: list[list[int]] = []
     with eval_mode(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        for start in range(0, len(prompts), batch_size):
+        starts = range(0, len(prompts), batch_size)
+        for start in starts if desc is None else progress(starts, desc=desc, unit="batch"):
             chunk = prompts[start : start + batch_size]
             budgets = max_new_tokens[start : start + batch_size]
             width = max(len(p) for p in chunk)
@@ -81,16 +84,18 @@ def generate(
     top_p: float = 1.0,
     seed: int = 0,
     batch_size: int = 16,
+    desc: str | None = None,
 ) -> list[str]:
     """One sampled response per prompt, from the policy (`adapter=True`) or the reference (`adapter=False`:
     `reference_model`, the bare base or the model's frozen REFERENCE adapter), decoded without special tokens.
 
-    temperature 0 decodes greedily. The same seed gives the same samples with the adapter on or off."""
+    temperature 0 decodes greedily. The same seed gives the same samples with the adapter on or off. `desc`: a
+    progress bar's title (None: quiet)."""
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     with contextlib.nullcontext() if adapter else reference_model(model):
         rows = sample_ids(model, encoded, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
                           max_new_tokens=[max_new_tokens] * len(encoded), temperature=temperature, top_p=top_p,
-                          seed=seed, batch_size=batch_size)
+                          seed=seed, batch_size=batch_size, desc=desc)
     return [text.strip() for text in tokenizer.batch_decode(rows, skip_special_tokens=True)]
 
 

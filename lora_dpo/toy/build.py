@@ -1,22 +1,22 @@
-"""The toy world's tokenizer and pre-trained base model, and the cache they are built into once.
+"""The toy world's tokenizer and pre-trained base model: how the base that ships in `base/` was made.
 
-Everything is built from fixed seeds, offline, in about a minute on a 2-core CPU, and cached under
-`cache_root()/toy`, keyed by WORLD_VERSION and a digest of the toy world's source (world.py and this file).
+The base ships with the package (1.9 MB), so the demo runs on the same weights on every machine, whatever its
+torch build, CPU, thread count or GPU, and a newcomer waits for no build. This module is the recipe it was
+made with, from fixed seeds, offline, in about a minute on one CPU thread: `python -m lora_dpo.toy build DIR`
+makes it again and says whether the bits equal the shipped ones. Pre-training runs on one thread, so its bits
+do not depend on the machine's thread count (tests/toy/test_toy.py); `base/build.json` records what built it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
-import os
+import platform
 import random
-import shutil
-import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -24,9 +24,12 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 from ..data.tokenize import encode_completion, encode_prompt
-from ..paths import cache_root
-from .world import (ASPECTS, NEGATIVE, NEUTRAL, POSITIVE, REQUESTS, SENTENCES, TITLE_WORDS, VERDICTS, WORLD_VERSION,
-                    make_pairs, sample_prompt, sample_review)
+from ..progress import progress
+from .world import (ASPECTS, NEGATIVE, NEUTRAL, POSITIVE, REQUESTS, SENTENCES, TITLE_WORDS, VERDICTS, sample_prompt,
+                    sample_review)
+
+BASE = Path(__file__).parent / "base"  # the shipped base: tokenizer and pre-trained model, as from_pretrained reads it
+RECORD = "build.json"  # beside it: what built it (sources' digest, torch, CPU) and the weights' sha256
 
 # ------------------------------------------------------------------------------------------- the tokenizer
 SPECIAL_TOKENS = ("<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
@@ -125,7 +128,7 @@ def pretrain_base_model(tokenizer):
         hook = model.lm_head.weight.register_hook(lambda grad: grad.masked_fill(never_said[:, None], 0.0))
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-        for step in range(cfg["steps"]):
+        for step in progress(range(cfg["steps"]), desc="toy world: pre-training the base", unit="step"):
             lr_scale = min(1.0, (step + 1) / cfg["warmup"]) * 0.5 * (1 + math.cos(math.pi * step / cfg["steps"]))
             for group in opt.param_groups:
                 group["lr"] = cfg["lr"] * lr_scale
@@ -158,71 +161,60 @@ def pretrain_base_model(tokenizer):
     return model, loss.item()
 
 
-# ------------------------------------------------------------------------------------------------ the cache
-TRAIN_PAIRS, TEST_PAIRS = 2000, 200
-TRAIN_SEED, TEST_SEED = 0, 1  # the test split's prompts and reviews come from a differently seeded stream
+# ------------------------------------------------------------------------------------------------ building
 
 
-def _build_once(target: Path, build: Callable[[Path], None]) -> Path:
-    """Build into a temporary sibling and rename it into place, so that a killed build never leaves a half-
-    written cache; when another process finished first, keep its folder and discard ours."""
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+def source_digest() -> str:
+    """Digest of the sources the base is made from: the world (its words and grammar) and this module."""
+    here = Path(__file__).parent
+    return hashlib.sha256(b"".join((here / name).read_bytes() for name in ("world.py", "build.py"))).hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run torch on one CPU thread inside the block: a sum split across threads rounds differently, so a build on
+    N threads could differ from one on M; on one thread it is the same everywhere a CPU runs the same kernels."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
-        os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would otherwise become the cache's mode
-        build(tmp)
-        if not target.exists():
-            try:
-                os.replace(tmp, target)  # atomic; fails if another process has put a non-empty folder there
-            except OSError:
-                if not target.exists():
-                    raise
+        yield
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        torch.set_num_threads(before)
 
 
-def _write_data(folder: Path) -> None:
-    for name, n, seed in (("train", TRAIN_PAIRS, TRAIN_SEED), ("test", TEST_PAIRS, TEST_SEED)):
-        with open(folder / f"{name}.jsonl", "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in make_pairs(n, seed))
-
-
-def _write_model(folder: Path) -> None:
+def build_base(folder: Path) -> dict:
+    """Build the tokenizer, pre-train the base (one thread) and save both into `folder` with the build record;
+    returns the record."""
     start = time.perf_counter()
-    print(f"lora_dpo.toy: building the toy world (once, ~1 min) in {folder.parent} ...", file=sys.stderr, flush=True)
-    tokenizer = build_tokenizer()
-    model, loss = pretrain_base_model(tokenizer)
+    folder.mkdir(parents=True, exist_ok=True)
+    with one_thread():
+        tokenizer = build_tokenizer()
+        model, loss = pretrain_base_model(tokenizer)
     bar_was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # one file of ~3 MB: a progress bar would only be noise
+    hf_logging.disable_progress_bar()  # one file of ~2 MB: a progress bar would only be noise
     try:
         tokenizer.save_pretrained(folder)
         model.save_pretrained(folder)
     finally:
         if bar_was_on:
             hf_logging.enable_progress_bar()
-    print(f"lora_dpo.toy: built the toy base model in {time.perf_counter() - start:.0f} s "
-          f"(final pretraining loss {loss:.3f})", file=sys.stderr, flush=True)
+    record = {"sources": source_digest(), "model_sha256": file_digest(folder / "model.safetensors"),
+              "final_pretraining_loss": round(loss, 6), "torch": torch.__version__,
+              "cpu_capability": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine(),
+              "seconds": round(time.perf_counter() - start)}
+    (folder / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    return record
 
 
-def world_key() -> str:
-    """The cache key: WORLD_VERSION plus a digest of the world's source (world.py and this module), so that any
-    change to the words, grammar, tokenizer or pre-training invalidates a cached world even if nobody bumps the
-    version."""
-    here = Path(__file__).parent
-    digest = hashlib.sha256(b"".join((here / name).read_bytes() for name in ("world.py", "build.py"))).hexdigest()[:10]
-    return f"{WORLD_VERSION}-{digest}"
+def shipped_record() -> dict:
+    return json.loads((BASE / RECORD).read_text())
 
 
 def toy_model_path() -> Path:
-    """Folder with the toy tokenizer and base model, for AutoTokenizer / AutoModelForCausalLM.from_pretrained;
-    built (about a minute) the first time."""
-    return _build_once(cache_root() / "toy" / f"model-{world_key()}", _write_model)
-
-
-def toy_data_files() -> dict[str, str]:
-    """{"train": path, "test": path} of standard-format jsonl preference pairs; written the first time."""
-    folder = _build_once(cache_root() / "toy" / f"data-{world_key()}", _write_data)
-    return {split: str(folder / f"{split}.jsonl") for split in ("train", "test")}
+    """Folder with the toy tokenizer and base model, for AutoTokenizer / AutoModelForCausalLM.from_pretrained: the
+    one that ships with the package (nothing to build)."""
+    return BASE

@@ -15,7 +15,6 @@ number, indexes by a mask or copies from pageable memory (data/batches.to_device
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,6 @@ from typing import Optional
 
 import torch
 from accelerate.utils import gather_object
-from tqdm.auto import tqdm
 
 from ..config import Recipe
 from ..core.stats import Stats, home
@@ -32,6 +30,7 @@ from ..memory.track import peak_memory_gb
 from ..methods import Data, StepContext
 from ..model.adapters import adapter_fingerprint, save_adapter, snapshot_reference, write_adapter
 from ..model.offload import activation_offload
+from ..progress import progress
 from ..run.checkpoint import rng_state, save_checkpoint
 from ..run.metrics import DiscardLog, MetricsLog
 from ..run.plots import write_plots
@@ -72,7 +71,7 @@ class Session:
         loss = s.recipe.loss
         self.controller = AdaptiveBeta(loss.target_kl, floor=loss.beta) if loss.target_kl is not None else None
         self.beta = s.state.beta if s.state.beta is not None else loss.beta  # the loop's beta: its one owner
-        self.sampler = Sampler(s.recipe, s.tokenizer, [e.prompt for e in s.data.eval], log)
+        self.sampler = Sampler(s.recipe, s.tokenizer, [e.prompt for e in s.data.eval], log, show=s.main)
         self.stream = self._stream()
 
     # -- phases
@@ -108,8 +107,8 @@ class Session:
         log(f"training: {len(self.round_data)} {unit}s, {s.total_steps} steps of {pps} {unit}s "
             f"({t.batch_size} x {t.grad_accum} x {s.world} process(es)){f', {t.rounds} rounds' if t.rounds > 1 else ''}"
             f", on {s.device}")
-        bar = tqdm(total=s.total_steps, initial=state.step, dynamic_ncols=True, file=sys.stderr, disable=not s.main,
-                   desc=s.recipe.stage if s.recipe.stage != "dpo" else s.recipe.loss.name)
+        bar = progress(total=s.total_steps, initial=state.step, disable=not s.main, unit="step",
+                       desc=s.recipe.stage if s.recipe.stage != "dpo" else s.recipe.loss.name)
         window, nonfinite_in_a_row = s.method.Stats.from_state(state.window), 0
         window_start, probe = time.perf_counter(), {}
         s.model.train()
@@ -227,8 +226,10 @@ class Session:
         stats, table = s.method.Stats(), self.tables.eval
         ctx = StepContext(beta=self.beta, device=s.device, step=s.state.step)
         bs = s.recipe.eval.batch_size
+        batches = list(shards(len(s.data.eval), bs, s.rank, s.world))
         with torch.no_grad():
-            for idx, ghost in shards(len(s.data.eval), bs, s.rank, s.world):
+            for idx, ghost in progress(batches, desc=f"evaluation ({len(s.data.eval)} held-out {s.method.unit}s)",
+                                       unit="batch", disable=not s.main):
                 items = [s.data.eval[i] for i in idx]
                 s.method.evaluate(s.model, items, table[idx] if table is not None else None, ctx,
                                   s.method.Stats() if ghost else stats)

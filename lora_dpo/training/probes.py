@@ -42,11 +42,12 @@ def sampled_kl(model, tokenizer, prompts: list, texts: list[str], batch_size: in
 
 
 def sample_metrics(model, tokenizer, prompts: list, *, adapter: bool, max_new_tokens: int, temperature: float,
-                   seed: int, scorer=None, with_kl: bool = True) -> dict:
+                   seed: int, scorer=None, with_kl: bool = True, show: bool = True) -> dict:
     """Sample one completion per prompt from the policy (`adapter`) or the reference, and measure them (see
     the module docstring). The same seed gives the reference and the policy the same random stream."""
+    who = "policy" if adapter else "reference model"
     texts = generate(model, tokenizer, prompts, adapter=adapter, max_new_tokens=max_new_tokens,
-                     temperature=temperature, seed=seed)
+                     temperature=temperature, seed=seed, desc=f"sampling {len(prompts)} replies of the {who}" if show else None)
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     out = {"diversity/distinct_1": distinct_n(ids, 1), "diversity/distinct_2": distinct_n(ids, 2),
            "length": sum(map(len, ids)) / max(len(ids), 1)}
@@ -90,9 +91,9 @@ class Sampler:
     behaviour score, diversity, sampled KL. Every process samples the same prompts from the same seed, so all
     of them get the same figures without communicating (and under FSDP their collective forwards stay in step)."""
 
-    def __init__(self, recipe: Recipe, tokenizer, prompts: list, log=print):
+    def __init__(self, recipe: Recipe, tokenizer, prompts: list, log=print, show: bool = True):
         e = recipe.eval
-        self.recipe, self.tokenizer, self.log = recipe, tokenizer, log
+        self.recipe, self.tokenizer, self.log, self.show = recipe, tokenizer, log, show
         self.prompts = prompts[: e.num_prompts]
         self.scorer = load_scorer(e.scorer) if e.scorer else None
         self.reference_distinct: float | None = None
@@ -102,7 +103,8 @@ class Sampler:
             return {}
         e = self.recipe.eval
         out = sample_metrics(policy, self.tokenizer, self.prompts, adapter=adapter, max_new_tokens=e.max_new_tokens,
-                             temperature=e.temperature, seed=self.recipe.train.seed, scorer=self.scorer)
+                             temperature=e.temperature, seed=self.recipe.train.seed, scorer=self.scorer,
+                             show=self.show)
         d2 = out["diversity/distinct_2"]
         if not adapter:
             self.reference_distinct = d2

@@ -22,6 +22,7 @@ which reads every weight; ours hashes what defines the reference without touchin
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from filelock import FileLock, Timeout
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -180,6 +182,29 @@ class ReferenceCache:
         if self.folder is None or not pairs:
             return compute()
         components = fingerprint(pair_ids_digest(pairs), self.tokenisation, self.base_model, self.reference_adapter)
+        if self.accelerator is not None and self.accelerator.num_processes > 1:
+            return self._table(pairs, components, compute)  # (a collective pass: the processes decide together)
+        with self._lock(components):  # another run computing the same table: wait for it, then read its file
+            return self._table(pairs, components, compute)
+
+    @contextlib.contextmanager
+    def _lock(self, components: dict):
+        """A file lock per table, so that runs started together on the same data compute it once."""
+        locks = self.folder / ".locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(locks / f"{key(components)}.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            print(f"notice: waiting for another run computing the same reference log-probs ({self.folder})",
+                  file=sys.stderr, flush=True)
+            lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def _table(self, pairs, components: dict, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         cached = load(self.folder, components, len(pairs))
         if self._everyone(cached is not None):
             self.hits += 1

@@ -17,6 +17,7 @@ from ..data.order import in_length_order, shards
 from ..methods import Data, Method
 from ..model.adapters import reference_model
 from ..model.wrapped import policy_of
+from ..progress import progress
 from .refcache import ReferenceCache
 
 
@@ -29,14 +30,17 @@ class ReferenceTables:
     eval: Optional[torch.Tensor] = None
 
 
-def compute_table(method: Method, model, items: list, accelerator) -> torch.Tensor:
+def compute_table(method: Method, model, items: list, accelerator, what: str = "examples") -> torch.Tensor:
     """[len(items), width] summed log pi_ref of each item's sequences, computed with the reference model in eval
-    batches split across processes and summed back together."""
+    batches split across processes and summed back together. `what` names the items on the progress bar."""
     width = method.reference_width
     out = torch.zeros(len(items), width)
     model.eval()
     bs = method.recipe.eval.batch_size
-    for idx, ghost in shards(len(items), bs, accelerator.process_index, accelerator.num_processes):
+    batches = list(shards(len(items), bs, accelerator.process_index, accelerator.num_processes))
+    bar = progress(batches, desc=f"reference pass ({len(items)} {what})", unit="batch",
+                   disable=not accelerator.is_main_process)
+    for idx, ghost in bar:
         b = forward_inputs(to_device(method.collate([items[i] for i in idx]), accelerator.device))
         with reference_model(policy_of(model)):
             sums, _ = model(**b)
@@ -61,12 +65,13 @@ def reference_tables(method: Method, model, data: Data, accelerator, tokenizer,
         cache = ReferenceCache.for_run(recipe, tokenizer, policy_of(model), accelerator.device, accelerator,
                                        reference_adapter=reference_adapter)
 
-    def table(items: list) -> torch.Tensor:
+    def table(items: list, split: str) -> torch.Tensor:
+        what = f"{split} {method.unit}s"
         if cache is None:
-            return compute_table(method, model, items, accelerator)[:, 0]
-        compute = lambda ps: compute_table(method, model, ps, accelerator)  # noqa: E731
+            return compute_table(method, model, items, accelerator, what)[:, 0]
+        compute = lambda ps: compute_table(method, model, ps, accelerator, what)  # noqa: E731
         return cache.table(items, lambda: in_length_order(compute, items, method.layout.shared))
 
     precompute = recipe.train.precompute_reference and method.precomputes_reference
-    return ReferenceTables(train=table(data.train) if precompute else None,
-                           eval=table(data.eval) if data.eval else None)
+    return ReferenceTables(train=table(data.train, "training") if precompute else None,
+                           eval=table(data.eval, "held-out") if data.eval else None)

@@ -1,7 +1,10 @@
-"""The toy world: its known truth, its preference pairs, its tokenizer, its cache, and (slow) its base model."""
+"""The toy world: its known truth, its preference pairs, its tokenizer, its cache, and its shipped base model."""
 
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lora_dpo import paths
 from lora_dpo.data.tokenize import encode_completion, encode_prompt
-from lora_dpo.toy import build, world
+from lora_dpo.toy import build, cache, toy_model_path, world
 
 ADJECTIVES = world.POSITIVE + world.NEGATIVE + world.NEUTRAL
 WORLD_WORDS = ADJECTIVES + world.ASPECTS + world.VERBS + world.TITLE_WORDS[0] + world.TITLE_WORDS[1]
@@ -180,19 +183,20 @@ def test_cache_root_is_the_env_var_or_the_user_cache(monkeypatch, tmp_path):
 
 def test_toy_data_files_are_written_once_in_standard_format(monkeypatch, tmp_path):
     monkeypatch.setenv("LORA_DPO_CACHE", str(tmp_path))
-    files = build.toy_data_files()
-    assert Path(files["train"]).parent == tmp_path / "toy" / f"data-{build.world_key()}"
+    files = cache.toy_data_files()
+    assert Path(files["train"]).parent == tmp_path / "toy" / f"data-{cache.world_key()}"
     train = [json.loads(line) for line in open(files["train"])]
     test = [json.loads(line) for line in open(files["test"])]
-    assert (len(train), len(test)) == (build.TRAIN_PAIRS, build.TEST_PAIRS)
-    assert train[:5] == world.make_pairs(5, build.TRAIN_SEED)
+    assert (len(train), len(test)) == (cache.TRAIN_PAIRS, cache.TEST_PAIRS)
+    assert train[:5] == world.make_pairs(5, cache.TRAIN_SEED)
     assert train[0] != test[0]
     mtime = Path(files["train"]).stat().st_mtime_ns
-    assert build.toy_data_files() == files and Path(files["train"]).stat().st_mtime_ns == mtime  # not rebuilt
-    assert [p.name for p in (tmp_path / "toy").iterdir()] == [f"data-{build.world_key()}"]  # no temporary left
+    assert cache.toy_data_files() == files and Path(files["train"]).stat().st_mtime_ns == mtime  # not rebuilt
+    assert [p.name for p in (tmp_path / "toy").iterdir()] == [f"data-{cache.world_key()}"]  # no temporary left
 
 
-def test_build_once_keeps_the_folder_of_a_build_that_finished_first(tmp_path):
+def test_build_once_keeps_the_folder_of_a_build_that_finished_first(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORA_DPO_CACHE", str(tmp_path))
     target = tmp_path / "toy" / "thing"
 
     def racing_build(folder):  # another process renames its finished build into place while we build
@@ -200,12 +204,13 @@ def test_build_once_keeps_the_folder_of_a_build_that_finished_first(tmp_path):
         target.mkdir()
         (target / "theirs.txt").write_text("theirs")
 
-    assert build._build_once(target, racing_build) == target
+    assert cache.build_once(target, racing_build, "a thing") == target
     assert [p.name for p in target.iterdir()] == ["theirs.txt"]
     assert [p.name for p in target.parent.iterdir()] == ["thing"]  # our temporary folder is gone
 
 
-def test_build_once_leaves_nothing_behind_when_the_build_fails(tmp_path):
+def test_build_once_leaves_nothing_behind_when_the_build_fails(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORA_DPO_CACHE", str(tmp_path))
     target = tmp_path / "toy" / "thing"
 
     def failing_build(folder):
@@ -213,20 +218,43 @@ def test_build_once_leaves_nothing_behind_when_the_build_fails(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        build._build_once(target, failing_build)
+        cache.build_once(target, failing_build, "a thing")
     assert list(target.parent.iterdir()) == []
 
 
-# ------------------------------------------------------------------------------------------ the base model
-@pytest.mark.slow
-def test_toy_model_builds_once_loads_and_speaks_the_world(monkeypatch, tmp_path, capfd):
-    """Builds the real world (about a minute), then loads it as a user would and samples reviews."""
+def test_a_killed_builds_temporary_folder_is_removed_by_the_next_build(monkeypatch, tmp_path):
+    """SIGKILL runs no cleanup: the next build, holding the lock (so no build is running), removes what it left."""
     monkeypatch.setenv("LORA_DPO_CACHE", str(tmp_path))
-    path = build.toy_model_path()
-    assert path == tmp_path / "toy" / f"model-{build.world_key()}"
-    assert "building the toy world" in capfd.readouterr().err
-    assert build.toy_model_path() == path and "building" not in capfd.readouterr().err  # cached
+    target = tmp_path / "toy" / "thing"
+    killed = tmp_path / "toy" / ".thing.a1b2c3"
+    killed.mkdir(parents=True)
+    (killed / "half.txt").write_text("half")
+    cache.build_once(target, lambda folder: (folder / "whole.txt").write_text("whole"), "a thing")
+    assert sorted(p.name for p in target.parent.iterdir()) == ["thing"]
 
+
+BUILD_DATA = """
+import sys
+from lora_dpo.toy import cache
+cache.toy_data_files()
+"""
+
+
+def test_processes_started_together_build_the_data_once_and_the_others_wait(tmp_path):
+    env = {**os.environ, "LORA_DPO_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", BUILD_DATA], env=env, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], errs
+    assert sum("writing the toy world's preference data" in e for e in errs) == 1, errs  # one build, once
+    assert [p.name for p in (tmp_path / "toy").iterdir()] == [f"data-{cache.world_key()}"]
+
+
+# ------------------------------------------------------------------------------------------ the base model
+def test_the_shipped_base_loads_and_speaks_the_world():
+    """The base ships with the package (nothing to build): load it as a user would and sample reviews."""
+    path = toy_model_path()
+    assert path == build.BASE and (path / "model.safetensors").is_file()
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
@@ -249,3 +277,48 @@ def test_toy_model_builds_once_loads_and_speaks_the_world(monkeypatch, tmp_path,
     # The base is neutral. A review's share is ~0 or ~1 (its verdict decides), so the mean over 96 reviews has a
     # standard deviation of sqrt((2/9) / 96) = 0.048: 0.15 is 3 of them; a base that loved half the titles fails.
     assert sum(map(world.positive_share, reviews)) / len(reviews) == pytest.approx(1 / 3, abs=0.15)
+
+
+def test_the_shipped_base_was_made_from_these_sources():
+    """Whoever changes the world or its pre-training rebuilds the shipped base (python -m lora_dpo.toy build
+    lora_dpo/toy/base), which records the sources' digest: a stale base fails here."""
+    record = build.shipped_record()
+    assert record["sources"] == build.source_digest(), "rebuild: python -m lora_dpo.toy build lora_dpo/toy/base"
+    assert record["model_sha256"] == build.file_digest(build.BASE / "model.safetensors")
+
+
+REBUILD = """
+import sys, torch
+torch.set_num_threads(4)  # the machine's thread count must not matter: the builder pre-trains on one thread
+from lora_dpo.toy import build
+print(build.build_base(__import__("pathlib").Path(sys.argv[1]))["model_sha256"])
+"""
+
+
+def test_the_builder_makes_the_shipped_base_bit_for_bit(tmp_path):
+    """Its provenance: the builder, in a process set to 4 threads, makes exactly the shipped weights. Bits are a
+    property of a torch build and a CPU's kernels: on another pair than the one recorded, there is nothing to
+    compare (the demo still runs on the shipped weights there)."""
+    record = build.shipped_record()
+    here = (torch.__version__, torch.backends.cpu.get_cpu_capability())
+    if here != (record["torch"], record["cpu_capability"]):
+        pytest.skip(f"the shipped base was built with torch {record['torch']} on {record['cpu_capability']}; "
+                    f"this is torch {here[0]} on {here[1]}")
+    out = subprocess.run([sys.executable, "-c", REBUILD, str(tmp_path / "base")], capture_output=True, text=True,
+                         timeout=900, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == record["model_sha256"]
+
+
+def test_the_data_command_on_the_toy_recipe_builds_no_model(monkeypatch, tmp_path):
+    """`lora-dpo data recipes/toy.yaml` loads the tokenizer only: on an empty cache it writes the toy data and
+    nothing else (the base ships with the package; before it did, this pre-trained a model)."""
+    from lora_dpo.cli.data import inspect_data
+    from lora_dpo.config import load_recipe
+    from tiny import REPO
+
+    monkeypatch.setenv("LORA_DPO_CACHE", str(tmp_path))
+    report = inspect_data(load_recipe(REPO / "recipes" / "toy.yaml"))
+    assert report.train_pairs == cache.TRAIN_PAIRS
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["locks", "toy"]
+    assert [p.name for p in (tmp_path / "toy").iterdir()] == [f"data-{cache.world_key()}"]

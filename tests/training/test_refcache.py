@@ -2,6 +2,9 @@
 is recomputed, and a second run or a resumed run does not run the reference pass again."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -133,3 +136,31 @@ def test_a_second_run_and_a_resumed_run_do_not_recompute_the_reference(tmp_path,
     assert calls == [12, 4]
     run("c", "train.max_steps=1", "data.max_length=31")  # other token ids: a miss
     assert len(calls) == 4
+
+
+COMPUTE_ONCE = """
+import sys, time, torch
+from lora_dpo.data.pairs import EncodedPair
+from lora_dpo.training.refcache import ReferenceCache
+
+pairs = [EncodedPair(index=i, prompt="p", prompt_ids=[1, 2, 3 + i], chosen_ids=[4, 5], rejected_ids=[6, 7]) for i in range(3)]
+cache = ReferenceCache(__import__("pathlib").Path(sys.argv[1]), "tok0", {"name": "/m"}, None)
+
+def compute():
+    print("computed", flush=True)
+    time.sleep(2)
+    return torch.arange(6, dtype=torch.float32).reshape(3, 2)
+
+print(cache.table(pairs, compute).sum().item())
+"""
+
+
+def test_runs_started_together_compute_a_table_once(tmp_path):
+    """Two runs on the same data and model: one computes the reference table, the other waits and reads it."""
+    procs = [subprocess.Popen([sys.executable, "-c", COMPUTE_ONCE, str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert sum(out.count("computed") for out, _ in outs) == 1
+    assert [out.strip().splitlines()[-1] for out, _ in outs] == ["15.0", "15.0"]
