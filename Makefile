@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml scripts/install_torch.sh
 
 # The toy world end to end on the CPU (its base ships with the package): trains, evaluates.
 demo: setup
-	$(BIN)/lora-dpo train recipes/toy.yaml
+	$(BIN)/lora-dpo train toy
 
 # The structure: the layers and forbidden imports of pyproject.toml (import-linter), no import outside the top
 # level but of the optional heavy dependencies (ruff PLC0415), no unused or undefined name (ruff F).

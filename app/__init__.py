@@ -1,5 +1,6 @@
 """The Gradio app of lora-dpo (installed as `lora_dpo_app`): it calls lora_dpo and holds no training logic.
 
+    command.py       `lora-dpo app`'s arguments, light: `lora-dpo --help` lists them without gradio or torch
     main.py          `lora-dpo app`: build_app(workspace) and launch (127.0.0.1 by default, optional login)
     workspace.py     the folders the app may touch; every typed path is checked against them
     jobs.py          one training job at a time, as a `lora-dpo train` subprocess; its progress from the run dir
@@ -8,6 +9,8 @@
     export_tab.py    adapter or merged export, optional Hub push (lora_dpo.export, lora_dpo.hub)
 """
 
-from .main import build_app
+from lora_dpo.lazy import lazy_names
 
+# build_app loads gradio and torch on first use: `lora-dpo --help` reads command.py through this package
+__getattr__, __dir__ = lazy_names(__name__, {"build_app": ".main"})
 __all__ = ["build_app"]

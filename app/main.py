@@ -1,7 +1,7 @@
 """`lora-dpo app`: the Gradio app (Train, Compare, Export tabs) on the folders of one workspace.
 
-The command joins `lora-dpo` through the entry point `lora_dpo.commands: app` (pyproject.toml), so the training
-library never imports the app; gradio comes with the `app` extra (`pip install 'lora-dpo[app]'`, which `make
+The command joins `lora-dpo` through the entry point `lora_dpo.commands: app` (pyproject.toml; its arguments are
+command.py's), so the training library never imports the app; gradio comes with the `app` extra (`pip install 'lora-dpo[app]'`, which `make
 setup` installs) and is imported only when the app starts. Binds to 127.0.0.1 unless --host says otherwise; --share (a public gradio.live link) is never implied;
 --auth USER:PASSWORD or LORA_DPO_APP_AUTH asks for a login.
 """
@@ -48,21 +48,6 @@ def build_app(ws, jobs=None, allow_code: bool = False):
         export_tab.select(export.refresh, export.run, export.run, api_visibility="private")
     demo.jobs = jobs
     return demo
-
-
-def add_parser(sub) -> None:
-    a = sub.add_parser("app", help="open the Gradio app: train and watch, compare answers, export",
-                       description="Open the Gradio app on this folder's recipes/, runs/, data/ and exports/.")
-    a.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
-    a.add_argument("--port", type=int, default=7860, help="port (default %(default)s)")
-    a.add_argument("--share", action="store_true", help="also open a public gradio.live link")
-    a.add_argument("--auth", metavar="USER:PASSWORD", help=f"ask for this login (or set {AUTH_ENV})")
-    a.add_argument("--workdir", default=".", help="the workspace folder (default: the current folder)")
-    a.add_argument("--data-dir", default="data", metavar="DIR", help="data files the app may read (default data/)")
-    a.add_argument("--allow-code", action="store_true",
-                   help="let recipes and runs run code from outside lora_dpo (model.trust_remote_code, a custom "
-                        "eval.scorer); only on an app no stranger can reach")
-    a.set_defaults(run=run)
 
 
 def parse_auth(text: str | None):

@@ -10,9 +10,10 @@ Names are loaded on first use (PEP 562), so `import lora_dpo` loads no torch, an
 app or gradio.
 """
 
-import importlib
 import logging
 from typing import TYPE_CHECKING
+
+from .lazy import lazy_names
 
 __version__ = "0.1.0"
 
@@ -31,7 +32,7 @@ _API = {
     "LOSSES": "lora_dpo.core.losses", "LossSpec": "lora_dpo.core.losses", "register_loss": "lora_dpo.core.losses",
     "RunDir": "lora_dpo.run", "resolve_source": "lora_dpo.run",
     "UserError": "lora_dpo.errors", "ConfigError": "lora_dpo.errors", "DataError": "lora_dpo.errors",
-    "Interrupted": "lora_dpo.training.stopping",
+    "Interrupted": "lora_dpo.errors",
 }  # fmt: skip
 __all__ = [
     "ConfigError", "DataConfig", "DataError", "EvalConfig", "Interrupted", "LOSSES", "LoraConfig", "LossConfig",
@@ -40,16 +41,7 @@ __all__ = [
 ]  # fmt: skip (the names of _API)
 
 
-def __getattr__(name: str):
-    if name not in _API:
-        raise AttributeError(f"module 'lora_dpo' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_API[name]), name)
-    globals()[name] = value  # loaded once
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_API))
+__getattr__, __dir__ = lazy_names(__name__, _API)
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
@@ -57,6 +49,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from .config import (DataConfig, EvalConfig, LoraConfig, LossConfig, ModelConfig, OnlineConfig, Recipe,
                          TrainConfig, load_recipe, save_recipe)
     from .core.losses import LOSSES, LossSpec, register_loss
-    from .errors import ConfigError, DataError, UserError
+    from .errors import ConfigError, DataError, Interrupted, UserError
     from .run import RunDir, resolve_source
-    from .training.stopping import Interrupted

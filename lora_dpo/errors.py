@@ -1,4 +1,4 @@
-"""The two errors a user can fix: a bad recipe and bad data. The CLI turns both into exit code 2."""
+"""The errors a user can fix (a bad recipe, bad data: exit code 2 in the CLI), and the safe stop (exit 130)."""
 
 
 class UserError(Exception):
@@ -11,6 +11,10 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A dataset cannot be loaded, has no recognised format, or holds malformed rows."""
+
+
+class Interrupted(Exception):
+    """The run stopped on request after saving a checkpoint; the CLI exits 130."""
 
 
 def first_line(exc: BaseException) -> str:

@@ -9,3 +9,20 @@ from pathlib import Path
 def cache_root() -> Path:
     """$LORA_DPO_CACHE, or ~/.cache/lora_dpo."""
     return Path(os.environ.get("LORA_DPO_CACHE") or Path.home() / ".cache" / "lora_dpo")
+
+
+RECIPES = Path(__file__).resolve().parent / "recipes"  # the recipes that ship inside the package
+
+
+def shipped_recipes() -> list[Path]:
+    """The recipes that ship with lora-dpo, toy first (the accelerate launch configs beside them are not recipes)."""
+    return sorted(RECIPES.glob("*.yaml"), key=lambda p: (p.stem != "toy", p.stem))
+
+
+def shipped_recipe(name: str | Path) -> Path | None:
+    """The shipped recipe a bare name (`toy`, `qwen2.5-1.5b-8gb`) stands for, or None when `name` is a path."""
+    name = Path(name)
+    shipped = RECIPES / f"{name.name}.yaml"
+    if name.parent == Path(".") and name.suffix not in (".yaml", ".yml") and shipped.is_file():
+        return shipped
+    return None

@@ -2,9 +2,12 @@
 
 `progress(...)` is tqdm on stderr. On a terminal it draws its bar in place; anywhere else (a log file, the app's
 captured output, CI) a bar redrawn with carriage returns would be one unreadable line, so there it prints a full
-line every LOG_EVERY seconds and at the end:
+line when it starts, every LOG_EVERY seconds and at the end:
 
     reference pass:  40%|####      | 12/30 [00:10<00:15,  1.19batch/s]
+
+The bars that libraries draw (datasets' map, transformers' weight loading) get the same treatment from
+`terminal.lines_off_terminal()`, which the command line wraps every command in.
 
 Only the main process of several (under `accelerate launch`) shows progress; `lora_dpo.training.distributed`
 passes `disable` for the others.
@@ -12,33 +15,12 @@ passes `disable` for the others.
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Iterable, Optional
 
 from tqdm.auto import tqdm
 
-LOG_EVERY = 10.0  # seconds between the lines of a bar that is not on a terminal
-
-
-class _Lines:
-    """A file for tqdm that turns each redraw (a carriage return, then the bar) into one line."""
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def write(self, text: str) -> None:
-        text = text.replace("\r", "").rstrip("\n")
-        if text.strip():
-            self.stream.write(text + "\n")
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-
-def on_terminal(stream=None) -> bool:
-    stream = stream or sys.stderr
-    return hasattr(stream, "isatty") and stream.isatty() and os.environ.get("TERM") != "dumb"
+from .terminal import LOG_EVERY, Lines, on_terminal
 
 
 def progress(iterable: Optional[Iterable] = None, *, desc: str, total: Optional[int] = None, unit: str = "it",
@@ -49,7 +31,7 @@ def progress(iterable: Optional[Iterable] = None, *, desc: str, total: Optional[
     if on_terminal(stream):
         return tqdm(iterable, desc=desc, total=total, unit=unit, disable=disable, file=stream, dynamic_ncols=True,
                     **kwargs)
-    return tqdm(iterable, desc=desc, total=total, unit=unit, disable=disable, file=_Lines(stream), ascii=True,
+    return tqdm(iterable, desc=desc, total=total, unit=unit, disable=disable, file=Lines(stream), ascii=True,
                 ncols=100, mininterval=LOG_EVERY, maxinterval=LOG_EVERY, **kwargs)
 
 

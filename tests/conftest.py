@@ -1,10 +1,18 @@
+import atexit
 import logging
 import os
+import shutil
+import tempfile
 
-import pytest
-import torch
+# datasets' cache (read when datasets is imported): the tests' own, not the user's ~/.cache/huggingface
+if "HF_DATASETS_CACHE" not in os.environ:
+    os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="lora-dpo-tests-datasets-")
+    atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 
-from tiny import chatml_tokenizer, llama3_tokenizer, plain_tokenizer, save_random_adapter, save_tiny
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tiny import chatml_tokenizer, llama3_tokenizer, plain_tokenizer, save_random_adapter, save_tiny  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -8,14 +8,6 @@ from ..config import Recipe, load_recipe
 from ..data.report import DataReport
 from ..methods import method_class
 from ..model.load import load_tokenizer
-from .arguments import add_recipe_arguments
-
-
-def add_parser(sub) -> None:
-    d = sub.add_parser("data", help="check a recipe's data and print its report, without loading the model")
-    add_recipe_arguments(d, None, "data.train=pairs.jsonl")
-    d.add_argument("--json", action="store_true", help="print the report as JSON")
-    d.set_defaults(run=run)
 
 
 def inspect_data(recipe: Recipe) -> DataReport:

@@ -1,6 +1,10 @@
-"""`lora-dpo` command line: thin; parses arguments and calls the modules that do the work, one module per
-command. Commands from other installed packages (the app: `lora-dpo app`) join through the entry-point group
-`lora_dpo.commands`: a module with `add_parser(subparsers)` whose subparser sets `run`.
+"""`lora-dpo` command line: thin; parses arguments and calls the module that does the work.
+
+The arguments of every command are arguments.py's, a light module, so `lora-dpo --help` and each command's help
+answer without importing torch; the command that runs is imported by its module's name (`module` in the
+parsed arguments), as pip and Django load theirs. Commands from other installed packages (the app: `lora-dpo
+app`) join through the entry-point group `lora_dpo.commands`: a light module with `add_parser(subparsers)`
+whose subparser sets `module`, the module with `run(args)`.
 
 Exit codes: 0 success, 2 a bad recipe, bad data or bad arguments (one message, no traceback),
 130 interrupted.
@@ -9,16 +13,17 @@ Exit codes: 0 success, 2 a bad recipe, bad data or bad arguments (one message, n
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from importlib.metadata import entry_points, version
 
-from ..errors import UserError
-from ..training.stopping import Interrupted
-from . import compare, data, export, plan, train
+from ..errors import Interrupted, UserError
+from ..terminal import lines_off_terminal
+from .arguments import COMMANDS
 
 EXAMPLES = """examples:
-  lora-dpo train recipes/toy.yaml
+  lora-dpo train toy                                   (a shipped recipe, by its name: lora-dpo recipes)
   lora-dpo sft recipes/toy-sft.yaml && lora-dpo train recipes/toy-dpo-from-sft.yaml
   lora-dpo train recipes/qwen2.5-1.5b-8gb.yaml data.train=my_pairs.jsonl train.lr=1e-5
   lora-dpo compare --adapter runs/toy --prompt "write a review of the night river ."
@@ -26,7 +31,9 @@ EXAMPLES = """examples:
   lora-dpo app
 """
 
+LIGHT = {"lora_dpo.cli.recipes"}  # commands that start at once; the others first import torch (seconds, or more)
 PLUGINS = "lora_dpo.commands"  # entry-point group of commands other packages add (lora_dpo_app: `app`)
+INTERRUPTED = 130
 
 
 def parser() -> argparse.ArgumentParser:
@@ -38,27 +45,34 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {version('lora-dpo')}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in (train, data, compare, export, plan):
-        command.add_parser(sub)
+    for add in COMMANDS:
+        add(sub)
     for entry in sorted(entry_points(group=PLUGINS), key=lambda e: e.name):
         entry.load().add_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)  # argparse itself exits 2 on bad arguments
+    args = parser().parse_args(argv)  # argparse itself exits 2 on bad arguments (and 0 after a --help)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no fork warnings from the tokenizers pool
     try:
-        return args.run(args)
+        if args.module not in LIGHT and args.module not in sys.modules:
+            print(f"lora-dpo {args.command}: loading PyTorch and the model libraries ...", file=sys.stderr, flush=True)
+        with lines_off_terminal():  # off a terminal (a log file, the app), libraries' bars become lines too
+            command = importlib.import_module(args.module)  # the command's own module, heavy imports and all
+            return command.run(args)
     except UserError as exc:
         print(f"lora-dpo: error: {exc}", file=sys.stderr)
         return 2
-    except Interrupted as exc:
+    except Interrupted as exc:  # a safe stop wrote its checkpoint
         print(f"lora-dpo: {exc}", file=sys.stderr)
-        return 130
+        return INTERRUPTED
     except KeyboardInterrupt:
         print("lora-dpo: interrupted at once; the last checkpoint is the newest complete one", file=sys.stderr)
-        return 130
+        return INTERRUPTED
+    except BrokenPipeError:  # `lora-dpo recipes | head`: the reader left; no traceback for that
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from ..memory.plan import (CONTEXT_BYTES, NO_GRAD, PHASES, GiB, Shape, Setting, 
 from ..model.checkpointing import auto_budget, cannot_predict
 from ..model.layout import decide_layout, trains_pairs
 from ..model.load import load_model_config, load_tokenizer
-from .arguments import add_recipe_arguments
 
 
 def data_widths(recipe: Recipe) -> tuple[list[tuple[int, int, int]] | None, str]:
@@ -96,20 +95,6 @@ def format_plan(result: dict, recipe_path: str) -> str:
                      f"lora-dpo train {recipe_path} {' '.join(result['proposal'])}")
     lines.append("note: a model of memory, not a measurement (benchmarks/RESULTS.md has its checks against measured peaks)")
     return "\n".join(lines)
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("plan", help="predict a recipe's peak GPU memory and propose batch, length and options that fit",
-                       description="Predict peak GPU memory from the model's configuration and the recipe (no "
-                                   "weights are loaded); propose train.batch_size, data.max_length and options "
-                                   "that fit --gpu-memory.")
-    add_recipe_arguments(p, None, "data.max_length=2048")
-    p.add_argument("--gpu-memory", required=True, metavar="SIZE", help="the GPU's memory, e.g. 8GB, 24GiB, 6144MB")
-    p.add_argument("--lengths", choices=("data", "max"), default="data",
-                   help="size the worst batch from the training data's pairs (default; falls back to max_length when "
-                        "the data cannot be read) or with every sequence at max_length")
-    p.add_argument("--json", action="store_true", help="print the prediction as JSON")
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

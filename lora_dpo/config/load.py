@@ -15,7 +15,20 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
+from ..paths import shipped_recipe, shipped_recipes
 from .recipe import ModelConfig, Recipe
+
+def resolve_recipe(path: str | Path) -> Path:
+    """A recipe file; a bare name (`toy`, `qwen2.5-1.5b-8gb`) that is not a file here is the shipped recipe."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    shipped = shipped_recipe(path)
+    if shipped is not None:
+        return shipped
+    names = ", ".join(p.stem for p in shipped_recipes())
+    raise ConfigError(f"recipe {path}: no such file, nor a shipped recipe of that name ({names}; lora-dpo recipes "
+                      "lists them)")
 
 
 def _build(cls: type, values: Any, prefix: str) -> Any:
@@ -125,9 +138,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), base: dict |
     """Read a YAML recipe (or start from `base`), apply dotted overrides, validate, return a `Recipe`."""
     tree: dict = copy.deepcopy(base or {})  # overrides write into nested dicts: never into the caller's
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"recipe {path}: no such file")
+        path = resolve_recipe(path)
         tree = _with_base(read_yaml(path), path)
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(tree, key, value)

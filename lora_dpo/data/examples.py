@@ -16,12 +16,16 @@ on every example. Labels are booleans (or 0/1). Prompts and completions are toke
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass
 
+import datasets
 from jinja2.exceptions import TemplateError
 
 from ..config import DataConfig
 from ..errors import DataError
+from .encoded import encode_rows, ids, records, tokenizer_digest
 from .formats import RowError, detect_format, malformed_rows, normalise_row, parse_messages, parse_prompt, parse_reply
 from .pairs import hold_out, new_report
 from .report import DataReport
@@ -116,43 +120,72 @@ def normalise_single(record: dict, fmt: str, labelled: bool, system_prompt: str 
     return [{"prompt": prompt, "completion": completion, "desirable": desirable}]
 
 
+EXAMPLE_COLUMNS = datasets.Features({
+    "index": datasets.Value("int64"), "error": datasets.Value("string"), "prompt": datasets.Value("string"),
+    "prompt_ids": ids(), "completion_ids": ids(), "desirable": datasets.Value("bool"),
+})  # fmt: skip
+
+
+def _encode_examples(batch: dict, indices: list[int], *, fmt: str, labelled: bool, system_prompt: str | None,
+                     tokenizer) -> dict:
+    """One batch of rows -> their examples (two of a preference row for KTO), each with its row's index and token
+    ids before truncation; a malformed row -> one output row with the reason in `error`."""
+    out = {name: [] for name in EXAMPLE_COLUMNS}
+    valid = []  # (position in out, rendered prompt, completion text)
+    for i, record in zip(indices, records(batch)):
+        try:
+            examples = [(ex, render_prompt(tokenizer, ex["prompt"]))
+                        for ex in normalise_single(record, fmt, labelled, system_prompt)]
+        except RowError as exc:
+            examples, error = [], exc.reason
+        except TemplateError as exc:
+            examples, error = [], f"the chat template rejected the prompt ({exc})"
+        if not examples:
+            for name, value in zip(EXAMPLE_COLUMNS, (i, error, "null", [], [], False)):
+                out[name].append(value)
+        for ex, text in examples:
+            valid.append((len(out["index"]), text, ex["completion"]))
+            for name, value in zip(EXAMPLE_COLUMNS, (i, "", json.dumps(ex["prompt"]), [], [], bool(ex["desirable"]))):
+                out[name].append(value)
+    prompts = encode_prompts(tokenizer, [text for _, text, _ in valid])
+    completions = encode_completions(tokenizer, [completion for _, _, completion in valid])
+    for (k, _, _), p, c in zip(valid, prompts, completions):
+        out["prompt_ids"][k], out["completion_ids"][k] = p, c
+    return out
+
+
 def _encode(rows, label: str, cfg: DataConfig, tokenizer, report: DataReport, labelled: bool) -> list[EncodedExample]:
     if len(rows) == 0:
         raise DataError(f"{label}: no rows")
-    records = rows.to_list()
     try:
-        fmt = detect_single_format(rows.column_names, records[0])
+        fmt = detect_single_format(rows.column_names, rows[0])
     except DataError as exc:
         raise DataError(f"{label}: {exc}") from None
     if labelled and fmt in ("prompt_completion", "messages", "sharegpt_single", "alpaca") and "label" not in rows.column_names:
         raise DataError(f"{label}: KTO needs a good/bad `label` column (true/false) beside the {fmt} columns, "
                         f"or preference pairs (chosen is desirable, rejected undesirable); columns found: "
                         f"{', '.join(rows.column_names)}")
-    report.rows_read += len(records)
-    report.formats[fmt] = report.formats.get(fmt, 0) + len(records)
-    bad, kept = [], []
-    for i, record in enumerate(records):
-        try:
-            for ex in normalise_single(record, fmt, labelled, cfg.system_prompt):
-                kept.append((i, ex, render_prompt(tokenizer, ex["prompt"])))
-        except RowError as exc:
-            bad.append((i, exc.reason))
-        except TemplateError as exc:
-            bad.append((i, f"the chat template rejected the prompt ({exc})"))
+    report.rows_read += len(rows)
+    report.formats[fmt] = report.formats.get(fmt, 0) + len(rows)
+    encode = functools.partial(_encode_examples, fmt=fmt, labelled=labelled, system_prompt=cfg.system_prompt,
+                               tokenizer=tokenizer)
+    table = encode_rows(rows, encode, EXAMPLE_COLUMNS, label=label,
+                        key=["examples", fmt, labelled, cfg.system_prompt, tokenizer_digest(tokenizer)]).to_dict()
+    kept = list(zip(*(table[name] for name in EXAMPLE_COLUMNS)))
+    bad = [(i, error) for i, error, *_ in kept if error]
     if bad and cfg.on_bad_rows == "error":
         raise malformed_rows(label, bad, "row(s)")
     for _, reason in bad:
         report.malformed[reason] = report.malformed.get(reason, 0) + 1
+    kept = [k for k in kept if not k[1]]
     if not labelled:  # SFT imitates only the replies marked good
-        dropped = sum(not ex["desirable"] for _, ex, _ in kept)
+        dropped = sum(not desirable for *_, desirable in kept)
         if dropped:
             report.malformed["undesirable (label false): not imitated by SFT"] = dropped
-        kept = [k for k in kept if k[1]["desirable"]]
-    prompts = encode_prompts(tokenizer, [text for _, _, text in kept])
-    completions = encode_completions(tokenizer, [ex["completion"] for _, ex, _ in kept])
+        kept = [k for k in kept if k[5]]
     max_prompt, bos = report.max_prompt_length, tokenizer.bos_token_id
     out = []
-    for (i, ex, _), p, c in zip(kept, prompts, completions):
+    for i, _, prompt, p, c, desirable in kept:
         if not p:
             report.malformed["prompt renders to no tokens"] = report.malformed.get("prompt renders to no tokens", 0) + 1
             continue
@@ -166,7 +199,7 @@ def _encode(rows, label: str, cfg: DataConfig, tokenizer, report: DataReport, la
         if len(c) > budget:
             c = c[:budget]
             report.truncated_completions += 1
-        out.append(EncodedExample(i, ex["prompt"], p, c, bool(ex["desirable"])))
+        out.append(EncodedExample(i, json.loads(prompt), p, c, bool(desirable)))
     return out
 
 

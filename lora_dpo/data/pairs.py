@@ -7,15 +7,20 @@ One normalised row is `{"prompt": str | list[message], "chosen": str, "rejected"
 
 from __future__ import annotations
 
+import functools
+import json
 import random
 from dataclasses import dataclass
+
+import datasets
 
 from jinja2.exceptions import TemplateError  # jinja2 renders chat templates; torch depends on it
 
 from ..config import DataConfig
 from ..errors import DataError
 from .formats import RowError, detect_format, malformed_rows, normalise_row
-from .report import DataReport, measure, profile
+from .encoded import encode_rows, ids, records, tokenizer_digest
+from .report import DataReport, Measured, profile, row_key
 from .sources import eval_rows, train_rows
 from .tokenize import Prompt, encode_completions, encode_prompts, render_prompt, truncate_prompt
 
@@ -52,49 +57,73 @@ def truncate_pair(p: list[int], c: list[int], r: list[int], max_length: int, max
     return p, c, r, prompt_cut, cuts
 
 
+PAIR_COLUMNS = datasets.Features({
+    "index": datasets.Value("int64"), "error": datasets.Value("string"), "prompt": datasets.Value("string"),
+    "key": datasets.Value("binary"), "prompt_ids": ids(), "chosen_ids": ids(), "rejected_ids": ids(),
+})  # fmt: skip
+
+
+def _encode_pairs(batch: dict, indices: list[int], *, fmt: str, system_prompt: str | None, tokenizer) -> dict:
+    """One batch of rows -> one output row each: its index, why it is malformed ("" if it is not), the normalised
+    prompt (JSON), the row's identity for duplicate counting, and its token ids before truncation."""
+    out = {name: [] for name in PAIR_COLUMNS}
+    valid = []  # (position in out, normalised row, rendered prompt)
+    for i, record in zip(indices, records(batch)):
+        error, row, text = "", None, ""
+        try:
+            row = normalise_row(record, fmt, system_prompt)
+            text = render_prompt(tokenizer, row["prompt"])
+        except RowError as exc:
+            error = exc.reason
+        except TemplateError as exc:  # templates raise on conversations they refuse, e.g. roles out of order
+            error = f"the chat template rejected the prompt ({exc})"
+        if not error:
+            valid.append((len(out["index"]), row, text))
+        out["index"].append(i), out["error"].append(error)
+        out["prompt"].append(json.dumps(row["prompt"]) if row else "null")
+        out["key"].append(row_key(row) if row else b"")
+    prompts = encode_prompts(tokenizer, [text for _, _, text in valid])
+    chosen = encode_completions(tokenizer, [row["chosen"] for _, row, _ in valid])
+    rejected = encode_completions(tokenizer, [row["rejected"] for _, row, _ in valid])
+    for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        out[name] = [[] for _ in out["index"]]
+    for (k, _, _), p, c, r in zip(valid, prompts, chosen, rejected):
+        out["prompt_ids"][k], out["chosen_ids"][k], out["rejected_ids"][k] = p, c, r
+        if not p:
+            out["error"][k] = "prompt renders to no tokens"
+    return out
+
+
 def _encode_source(
     rows, label: str, cfg: DataConfig, tokenizer, report: DataReport
 ) -> tuple[list[EncodedPair], list]:
-    """Normalise, validate, tokenise and truncate every row of one split; update `report`'s counts.
-    Returns the kept pairs and every valid row measured before truncation (dropped pairs included)."""
+    """Normalise, validate, tokenise (encoded.py: once per rows, tokenizer and code) and truncate every row of one
+    split; update `report`'s counts. Returns the kept pairs and every valid row measured before truncation
+    (dropped pairs included)."""
     if len(rows) == 0:
         raise DataError(f"{label}: no rows")
-    records = rows.to_list()  # one conversion from Arrow; per-row indexing would decode row by row
     try:
-        fmt = detect_format(rows.column_names, records[0])
+        fmt = detect_format(rows.column_names, rows[0])
     except DataError as exc:
         raise DataError(f"{label}: {exc}") from None
-    report.rows_read += len(records)
-    report.formats[fmt] = report.formats.get(fmt, 0) + len(records)
+    report.rows_read += len(rows)
+    report.formats[fmt] = report.formats.get(fmt, 0) + len(rows)
+    encode = functools.partial(_encode_pairs, fmt=fmt, system_prompt=cfg.system_prompt, tokenizer=tokenizer)
+    table = encode_rows(rows, encode, PAIR_COLUMNS, label=label,
+                        key=["pairs", fmt, cfg.system_prompt, tokenizer_digest(tokenizer)]).to_dict()
 
-    bad: list[tuple[int, str]] = []
-    kept = []  # (index, normalised row, rendered prompt)
-    for i, record in enumerate(records):
-        try:
-            row = normalise_row(record, fmt, cfg.system_prompt)
-            kept.append((i, row, render_prompt(tokenizer, row["prompt"])))
-        except RowError as exc:
-            bad.append((i, exc.reason))
-        except TemplateError as exc:  # templates raise on conversations they refuse, e.g. roles out of order
-            bad.append((i, f"the chat template rejected the prompt ({exc})"))
-    prompts = encode_prompts(tokenizer, [text for _, _, text in kept])
-    chosen = encode_completions(tokenizer, [row["chosen"] for _, row, _ in kept])
-    rejected = encode_completions(tokenizer, [row["rejected"] for _, row, _ in kept])
-    for (i, _, _), p in zip(kept, prompts):
-        if not p:
-            bad.append((i, "prompt renders to no tokens"))
-    bad.sort()
-
+    bad = [(i, error) for i, error in zip(table["index"], table["error"]) if error]
     if bad and cfg.on_bad_rows == "error":
         raise malformed_rows(label, bad, "row" if len(bad) == 1 else "rows")
     for _, reason in bad:
         report.malformed[reason] = report.malformed.get(reason, 0) + 1
 
     pairs, measured = [], []
-    for (i, row, _), p, c, r in zip(kept, prompts, chosen, rejected):
-        if not p:
+    columns = (table[name] for name in ("index", "error", "prompt", "key", "prompt_ids", "chosen_ids", "rejected_ids"))
+    for i, error, prompt, key, p, c, r in zip(*columns):
+        if error:
             continue
-        measured.append(measure(i, row, len(p), len(c), len(r)))
+        measured.append(Measured(i, key, len(p), len(c), len(r)))
         cut = truncate_pair(p, c, r, cfg.max_length, report.max_prompt_length, tokenizer.bos_token_id)
         if cut is None:
             report.dropped_for_length += 1
@@ -103,7 +132,7 @@ def _encode_source(
         report.truncated_prompts += prompt_cut
         report.truncated_completions += completions_cut
         report.truncated_pairs += bool(prompt_cut or completions_cut)
-        pairs.append(EncodedPair(index=i, prompt=row["prompt"], prompt_ids=p, chosen_ids=c, rejected_ids=r))
+        pairs.append(EncodedPair(index=i, prompt=json.loads(prompt), prompt_ids=p, chosen_ids=c, rejected_ids=r))
     return pairs, measured
 
 

@@ -220,7 +220,7 @@ def length_stats(values: list[int]) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------- tokenising
 
 
-class _Measured(NamedTuple):
+class Measured(NamedTuple):
     """One valid row before truncation: its identity for duplicate counting and its token counts."""
 
     index: int
@@ -230,13 +230,14 @@ class _Measured(NamedTuple):
     rejected: int
 
 
-def _row_key(row: dict) -> bytes:
+def row_key(row: dict) -> bytes:
+    """A normalised row's identity: equal (prompt, chosen, rejected), equal keys."""
     # a 16-byte digest rather than the text: a dataset of long conversations would otherwise be held twice
     text = json.dumps([row["prompt"], row["chosen"], row["rejected"]], sort_keys=True, ensure_ascii=False)
     return hashlib.blake2b(text.encode(), digest_size=16).digest()
 
 
-def profile(report: DataReport, measured: list[_Measured]) -> None:
+def profile(report: DataReport, measured: list[Measured]) -> None:
     """Fill the report's length, length-bias and duplicate figures from the training source's valid rows."""
     n = len(measured)
     report.stats_rows = n
@@ -252,8 +253,3 @@ def profile(report: DataReport, measured: list[_Measured]) -> None:
     report.rejected_longer_share = sum(m.chosen < m.rejected for m in measured) / n
     report.equal_length_share = sum(m.chosen == m.rejected for m in measured) / n
     report.duplicates = n - len({m.key for m in measured})
-
-
-def measure(index: int, row: dict, prompt: int, chosen: int, rejected: int) -> _Measured:
-    """One valid row's token counts (before truncation) and identity, for `profile`."""
-    return _Measured(index, _row_key(row), prompt, chosen, rejected)

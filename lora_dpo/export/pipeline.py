@@ -27,9 +27,10 @@ from ..run.source import Source, resolve_source
 from .card import hub_model_id, is_hub_id, write_card
 from .hub import check_repo_id, list_files
 from .merge import (
-    BLIND, DTYPES, VERIFY_PAIRS, SizeEstimate, Verification, check_disk, folder_bytes, format_size, log_stderr,
-    merge_and_verify, parse_device, plan_merge, verification_sequences,
+    BLIND, SizeEstimate, Verification, check_disk, folder_bytes, format_size, log_stderr, merge_and_verify,
+    parse_device, plan_merge, verification_sequences,
 )  # fmt: skip
+from .tolerance import DTYPES, VERIFY_PAIRS
 
 
 def load_source_tokenizer(src: Source):

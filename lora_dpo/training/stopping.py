@@ -12,11 +12,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..errors import Interrupted, UserError
 
-
-class Interrupted(Exception):
-    """The run stopped on request after saving a checkpoint; the CLI exits 130."""
+__all__ = ["Interrupted", "StopRequest", "diverged", "out_of_memory_advice"]
 
 
 class StopRequest:

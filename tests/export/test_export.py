@@ -6,7 +6,6 @@ that defines it, so that a monkeypatch reaches the code that looks it up.
 No network: the Hub is a fake HfApi that records its calls; base models are the tiny saved fixtures.
 """
 
-import argparse
 import contextlib
 import importlib
 import json
@@ -26,6 +25,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lora_dpo.cli import export as export_cli
+from lora_dpo.cli.main import parser
 from lora_dpo.export import hub, merge
 from lora_dpo.export.pipeline import export, load_source_tokenizer
 from lora_dpo.model.load import DTYPES as TORCH_DTYPES
@@ -319,9 +319,8 @@ def fake_hub(monkeypatch):
 
 
 def cli(argv):
-    parser = argparse.ArgumentParser(prog="lora-dpo")
-    export_cli.add_parser(parser.add_subparsers(dest="command", required=True))
-    return export_cli.run(parser.parse_args(argv))
+    """`lora-dpo export ...` as the command line parses it, run in this process (UserError propagates)."""
+    return export_cli.run(parser().parse_args(argv))
 
 
 def test_the_hub_api_factory_is_only_replaceable_where_push_looks_it_up():

@@ -4,7 +4,8 @@ the same prompts and sampling settings, each answer with its implicit reward bet
     Comparer.load([run_or_adapter, ...], base=None)         one base model, one or two adapters on it
     comparer.compare(prompts, Sampling(...), score_with)    -> list[Row]
 
-`lora-dpo compare` (cli/compare.py) and the app's Compare tab both call this module. Rewards use the beta each
+`lora-dpo compare` (cli/compare.py) and the app's Compare tab both call this module; the sampling settings are
+settings.py's (light: the command line shows their defaults before anything loads). Rewards use the beta each
 run ended with (adaptive beta moves it), as the run directory records it.
 The reference pane is the same network with peft's adapter switched off (`disable_adapter()`), exactly the
 pi_ref of training; A and B are two named adapters on one base, so two runs need one base in memory.
@@ -20,31 +21,17 @@ from typing import Optional, Sequence
 import torch
 from peft import PeftModel
 
-from .config import LossConfig, model_config
-from .data.sources import load_rows
-from .errors import UserError, first_line
-from .model.adapters import resolve_adapter
-from .model.load import load_base_model, load_tokenizer_for
-from .model.sampling import generate, implicit_rewards
-from .run.source import Source, resolve_source
+from ..config import LossConfig, model_config
+from ..data.sources import load_rows
+from ..errors import UserError, first_line
+from ..model.adapters import resolve_adapter
+from ..model.load import load_base_model, load_tokenizer_for
+from ..model.sampling import generate, implicit_rewards
+from ..run.source import Source, resolve_source
+from .settings import Sampling
 
 REFERENCE = "reference"
 DEFAULT_BETA = LossConfig().beta  # for a bare adapter folder whose run recipe (and so its beta) is unknown
-
-
-@dataclass
-class Sampling:
-    temperature: float = 0.7  # 0 decodes greedily
-    top_p: float = 1.0  # nucleus sampling: keep the smallest set of tokens with this much probability
-    max_new_tokens: int = 128  # tokens generated per answer
-    seed: int = 0  # same seed, same answers; every pane samples from the same seed
-
-    def check(self) -> None:
-        for name, ok, want in (("temperature", 0 <= self.temperature <= 5, "between 0 and 5"),
-                               ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
-                               ("max_new_tokens", 1 <= self.max_new_tokens <= 4096, "between 1 and 4096")):
-            if not ok:
-                raise UserError(f"{name}: must be {want}, got {getattr(self, name)}")
 
 
 @dataclass
