@@ -72,6 +72,9 @@ def run(args) -> int:
         print("warning: the app is reachable from other machines and asks for no login; "
               "consider --auth USER:PASSWORD", file=sys.stderr)
     ws = Workspace.at(args.workdir, data=args.data_dir)
+    if copied := ws.add_shipped_recipes():
+        print(f"lora-dpo app: {ws.show(ws.recipes)}/ did not exist: copied the {copied} shipped recipes into it "
+              "(edit them there, or add your own)", file=sys.stderr)
     demo = build_app(ws, allow_code=args.allow_code)
     # a job still running is stopped safely (checkpoint) when the app exits, on Ctrl-C or on SIGTERM
     atexit.register(demo.jobs.shutdown)

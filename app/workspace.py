@@ -8,11 +8,13 @@ Model and dataset names that are not paths (`toy`, a Hub id such as `Qwen/Qwen2.
 from __future__ import annotations
 
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from lora_dpo.data.sources import looks_like_path
 from lora_dpo.errors import UserError
+from lora_dpo.paths import RECIPES, shipped_recipes
 from lora_dpo.run import RunDir
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -72,6 +74,14 @@ class Workspace:
             return str(Path(path).resolve().relative_to(self.root)) or "."
         except ValueError:
             return str(path)
+
+    def add_shipped_recipes(self) -> int:
+        """A workspace without a recipes/ folder gets a copy of the recipes that ship with lora-dpo (to edit
+        there); returns how many were copied (0 when the folder exists: nothing of the user's is touched)."""
+        if self.recipes.exists():
+            return 0
+        shutil.copytree(RECIPES, self.recipes, ignore=shutil.ignore_patterns("__pycache__", "uploads"))
+        return len(shipped_recipes())
 
     def recipe_files(self) -> list[str]:
         return sorted(self.show(p) for p in self.recipes.rglob("*.yaml")) if self.recipes.is_dir() else []

@@ -15,6 +15,7 @@ import lora_dpo_app.export_tab as export_tab
 from lora_dpo_app.main import build_app, parse_auth
 from lora_dpo_app.tour import free_port, launch
 from lora_dpo_app.workspace import Workspace
+from lora_dpo.config import load_recipe
 from lora_dpo.errors import UserError
 
 TOY = Path(__file__).resolve().parents[2] / "recipes" / "toy.yaml"
@@ -279,3 +280,15 @@ def test_uploaded_recipe_is_checked_and_saved_under_recipes(ws, tmp_path):
     with pytest.raises(gr.Error, match="train.lrr"):
         tab.upload(str(bad))
     assert not (ws.recipes / "uploads" / "bad.yaml").exists()
+
+
+def test_an_empty_folder_gets_the_shipped_recipes_and_an_existing_one_is_left_alone(tmp_path):
+    empty = Workspace.at(tmp_path / "fresh")
+    assert empty.add_shipped_recipes() >= 10
+    assert "recipes/toy.yaml" in empty.recipe_files() and "recipes/qwen2.5-1.5b-8gb.yaml" in empty.recipe_files()
+    load_recipe(empty.recipes / "toy-kto.yaml")  # its base: toy.yaml is beside it
+    mine = tmp_path / "mine"
+    (mine / "recipes").mkdir(parents=True)
+    (mine / "recipes" / "only.yaml").write_text("output_dir: runs/only\n")
+    assert Workspace.at(mine).add_shipped_recipes() == 0
+    assert Workspace.at(mine).recipe_files() == ["recipes/only.yaml"]
