@@ -17,22 +17,18 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from filelock import FileLock, Timeout
-
-from ..paths import cache_root
+from ..paths import cache_root, locked
 from .world import WORLD_VERSION, make_pairs
 
 TRAIN_PAIRS, TEST_PAIRS = 2000, 200
 TRAIN_SEED, TEST_SEED = 0, 1  # the test split's prompts and reviews come from a differently seeded stream
 
 
-def lock_for(target: Path) -> FileLock:
-    """The lock of a cached folder: in the cache's `locks/` folder, not beside the folder it guards (a lock file
-    stays when it is released, and must not be mistaken for a build)."""
-    locks = cache_root() / "locks"
-    locks.mkdir(parents=True, exist_ok=True)
+def lock_for(target: Path) -> Path:
+    """The lock file of a cached folder: in the cache's `locks/` folder, not beside the folder it guards (a lock
+    file stays when it is released, and must not be mistaken for a build)."""
     name = hashlib.sha256(str(target.resolve()).encode()).hexdigest()[:16]
-    return FileLock(str(locks / f"{target.name}-{name}.lock"))
+    return cache_root() / "locks" / f"{target.name}-{name}.lock"
 
 
 def build_once(target: Path, build: Callable[[Path], None], what: str) -> Path:
@@ -42,14 +38,7 @@ def build_once(target: Path, build: Callable[[Path], None], what: str) -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    lock = lock_for(target)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        print(f"lora_dpo.toy: waiting for another process to finish building {what} in {target} ...",
-              file=sys.stderr, flush=True)
-        lock.acquire()
-    try:
+    with locked(lock_for(target), f"lora_dpo.toy: waiting for another process to finish building {what} in {target} ..."):
         if target.exists():
             return target
         for stale in target.parent.glob(f".{target.name}.*"):  # temporaries of killed builds (we hold the lock)
@@ -66,8 +55,6 @@ def build_once(target: Path, build: Callable[[Path], None], what: str) -> Path:
                         raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    finally:
-        lock.release()
     return target
 
 

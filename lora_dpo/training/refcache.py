@@ -22,7 +22,6 @@ which reads every weight; ours hashes what defines the reference without touchin
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -33,13 +32,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from filelock import FileLock, Timeout
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..data.fingerprint import pair_ids_digest
 from ..model.load import compute_dtype, resolve_model_name
-from ..paths import cache_root
+from ..paths import cache_root, locked
 
 CACHE_VERSION = 1  # part of the key: bump it when the table's meaning or the file format changes
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".json", ".model", ".txt", ".jinja")
@@ -187,22 +185,10 @@ class ReferenceCache:
         with self._lock(components):  # another run computing the same table: wait for it, then read its file
             return self._table(pairs, components, compute)
 
-    @contextlib.contextmanager
     def _lock(self, components: dict):
         """A file lock per table, so that runs started together on the same data compute it once."""
-        locks = self.folder / ".locks"
-        locks.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(locks / f"{key(components)}.lock"))
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            print(f"notice: waiting for another run computing the same reference log-probs ({self.folder})",
-                  file=sys.stderr, flush=True)
-            lock.acquire()
-        try:
-            yield
-        finally:
-            lock.release()
+        return locked(self.folder / ".locks" / f"{key(components)}.lock",
+                      f"notice: waiting for another run computing the same reference log-probs ({self.folder})")
 
     def _table(self, pairs, components: dict, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         cached = load(self.folder, components, len(pairs))
