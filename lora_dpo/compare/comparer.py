@@ -128,7 +128,7 @@ class Comparer:
 def _model_config(src: Source):
     """The run's model section (quantisation, dtype, revision ...) when the run is known, else the defaults."""
     section = dict((src.recipe or {}).get("model") or {})
-    section["name"] = src.base_name
+    section["name"], section["gguf_file"] = src.base_name, src.gguf_file
     if src.revision is not None:
         section["revision"] = src.revision
     return model_config(section)

@@ -138,6 +138,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
 class ModelConfig(Section, section="model"):
     name: str = REQUIRED  # Hub id or local folder of the base causal LM; `toy` builds the offline toy model
     revision: Optional[str] = None  # Hub branch, tag or commit of `name`
+    gguf_file: Optional[str] = None  # a GGUF file (llama.cpp's format) in `name`'s folder or Hub repository: dequantised once into the cache, then loaded like any base
     quantization: Literal["nf4", "none"] = "nf4"  # nf4: 4-bit NormalFloat base (bitsandbytes); none: 16/32-bit
     double_quant: bool = True  # also quantise the 4-bit scales (saves ~0.4 bit per weight)
     quant_storage: Literal["auto", "uint8", "bf16", "fp16", "fp32"] = "auto"  # dtype holding the packed 4-bit weights; auto: uint8, or the compute dtype under FSDP / DeepSpeed ZeRO-3 (which need it to shard them)
@@ -163,7 +164,8 @@ class DataConfig(Section, section="data"):
     eval: Optional[str] = None  # held-out data: a split name of `train`, or a dataset id or file; None: eval_fraction of train
     eval_fraction: float = knob(0.05, 'in [0, 1)')  # share of train held out for evaluation when `eval` is not set (0 disables eval)
     max_length: int = knob(1024, '>= 2')  # tokens, prompt + one completion
-    max_prompt_length: Optional[int] = knob(None, '>= 1')  # tokens; longer prompts keep their end; None: half of max_length
+    max_prompt_length: Optional[int] = knob(None, '>= 1')  # tokens a prompt keeps at least when an example does not fit max_length (truncation: keep_end); None: half of max_length
+    truncation: Literal["keep_end", "keep_start"] = "keep_end"  # an example that does not fit max_length (one that fits is never cut): keep_end keeps the prompt's end (at least max_prompt_length tokens) and the replies' start; keep_start (TRL's) keeps the first max_length tokens, the prompt whole
     on_bad_rows: Literal["error", "skip"] = "error"  # malformed rows stop the run (error) or are skipped and counted
     system_prompt: Optional[str] = None  # prepended as a system message to prompts that have none
     max_rows: Optional[int] = knob(None, '>= 1')  # read at most this many training rows (for quick trials)
@@ -171,7 +173,8 @@ class DataConfig(Section, section="data"):
 
     @property
     def prompt_budget(self) -> int:
-        """Tokens a prompt may keep (the rest is cut from its start): max_prompt_length, else half of max_length."""
+        """Tokens a prompt keeps at least when an example must be cut (truncation keep_end): max_prompt_length, else
+        half of max_length."""
         return self.max_prompt_length or self.max_length // 2
 
 

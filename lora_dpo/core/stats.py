@@ -13,6 +13,7 @@ checkpoint. float64 sums of float32 values in the same order are the same number
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -145,25 +146,46 @@ class Stats:
         return stats
 
 
+def _rewards(prefix: str, chosen, rejected) -> dict:
+    return {f"{prefix}/chosen": chosen.sum(), f"{prefix}/rejected": rejected.sum(),
+            f"{prefix}/margins": (chosen - rejected).sum(), f"{prefix}/accuracies": (chosen > rejected).float().sum()}
+
+
+PER_TOKEN = ("rewards_per_token/chosen", "rewards_per_token/rejected", "rewards_per_token/margins",
+             "rewards_per_token/accuracies")
+
+
 class PairStats(Stats):
-    """Preference pairs: rewards, margins, accuracies, policy log-probs, and kl per completion token."""
+    """Preference pairs: rewards, margins, accuracies, policy log-probs, and kl per completion token.
+
+    `rewards/*` are TRL's, for every loss with a reference: beta times the log-ratio summed over the completion.
+    A loss on mean log-probs per token (IPO, length-normalised DPO) is also given the rewards it optimises, beta
+    times the per-token mean log-ratio, as `rewards_per_token/*` (the `per_token` class)."""
 
     SUMMED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
               "logps/chosen", "logps/rejected")
     RATIOS = ("kl",)
 
-    def add(self, losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected, kl_num, kl_den, tokens):
+    @classmethod
+    def per_token(cls) -> type["PairStats"]:
+        """This class with the `rewards_per_token/*` figures too."""
+        return _per_token(cls)
+
+    def add(self, losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected, kl_num, kl_den, tokens,
+            per_token: tuple | None = None):
         """losses, rewards, policy log-probs: [B] tensors; kl_num: summed log-ratio over completion tokens;
-        kl_den: their number."""
-        self.add_sums(losses.shape[0], tokens, {
-            "loss": losses.detach().float().sum(),
-            "rewards/chosen": chosen_rewards.sum(),
-            "rewards/rejected": rejected_rewards.sum(),
-            "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
-            "logps/chosen": policy_chosen.detach().float().sum(),
-            "logps/rejected": policy_rejected.detach().float().sum(),
-        }, {"kl": (kl_num, kl_den)})
+        kl_den: their number; `per_token`: (chosen, rejected) per-token rewards, for a `per_token()` class."""
+        sums = {"loss": losses.detach().float().sum(), **_rewards("rewards", chosen_rewards, rejected_rewards),
+                "logps/chosen": policy_chosen.detach().float().sum(),
+                "logps/rejected": policy_rejected.detach().float().sum()}
+        if per_token is not None:
+            sums.update(_rewards("rewards_per_token", *per_token))
+        self.add_sums(losses.shape[0], tokens, sums, {"kl": (kl_num, kl_den)})
+
+
+@functools.cache
+def _per_token(cls: type) -> type:
+    return type(f"{cls.__name__}PerToken", (cls,), {"SUMMED": cls.SUMMED + PER_TOKEN, "__module__": cls.__module__})
 
 
 class KTOStats(Stats):

@@ -21,16 +21,17 @@ import json
 from dataclasses import dataclass
 
 import datasets
-from jinja2.exceptions import TemplateError
 
 from ..config import DataConfig
 from ..errors import DataError
 from .encoded import encode_rows, ids, records, tokenizer_digest
-from .formats import RowError, detect_format, malformed_rows, normalise_row, parse_messages, parse_prompt, parse_reply
+from .formats import (
+    RowError, detect_format, malformed_rows, normalise_row, parse_messages, parse_prompt, parse_reply, row_kwargs,
+)
 from .pairs import hold_out, new_report
 from .report import DataReport
 from .sources import eval_rows, train_rows
-from .tokenize import Prompt, encode_completions, encode_prompts, render_prompt, truncate_prompt
+from .tokenize import Prompt, encode_conversations, fit
 
 SINGLE_FORMATS = ("prompt_completion", "messages", "alpaca", "sharegpt_single")
 
@@ -131,26 +132,26 @@ def _encode_examples(batch: dict, indices: list[int], *, fmt: str, labelled: boo
     """One batch of rows -> their examples (two of a preference row for KTO), each with its row's index and token
     ids before truncation; a malformed row -> one output row with the reason in `error`."""
     out = {name: [] for name in EXAMPLE_COLUMNS}
-    valid = []  # (position in out, rendered prompt, completion text)
+    valid = []  # (position in out, normalised example, template arguments)
     for i, record in zip(indices, records(batch)):
         try:
-            examples = [(ex, render_prompt(tokenizer, ex["prompt"]))
-                        for ex in normalise_single(record, fmt, labelled, system_prompt)]
+            examples, kw, error = normalise_single(record, fmt, labelled, system_prompt), row_kwargs(record), ""
         except RowError as exc:
             examples, error = [], exc.reason
-        except TemplateError as exc:
-            examples, error = [], f"the chat template rejected the prompt ({exc})"
         if not examples:
             for name, value in zip(EXAMPLE_COLUMNS, (i, error, "null", [], [], False)):
                 out[name].append(value)
-        for ex, text in examples:
-            valid.append((len(out["index"]), text, ex["completion"]))
+        for ex in examples:
+            valid.append((len(out["index"]), ex, kw))
             for name, value in zip(EXAMPLE_COLUMNS, (i, "", json.dumps(ex["prompt"]), [], [], bool(ex["desirable"]))):
                 out[name].append(value)
-    prompts = encode_prompts(tokenizer, [text for _, text, _ in valid])
-    completions = encode_completions(tokenizer, [completion for _, _, completion in valid])
-    for (k, _, _), p, c in zip(valid, prompts, completions):
-        out["prompt_ids"][k], out["completion_ids"][k] = p, c
+    encoded = encode_conversations(tokenizer, [ex["prompt"] for _, ex, _ in valid],
+                                   [[ex["completion"]] for _, ex, _ in valid], [kw for _, _, kw in valid])
+    for (k, _, _), enc in zip(valid, encoded):
+        if isinstance(enc, Exception):
+            out["error"][k] = f"the chat template rejected the prompt ({enc})"
+        else:
+            out["prompt_ids"][k], (out["completion_ids"][k],) = enc
     return out
 
 
@@ -172,7 +173,7 @@ def _encode(rows, label: str, cfg: DataConfig, tokenizer, report: DataReport, la
     table = encode_rows(rows, encode, EXAMPLE_COLUMNS, label=label,
                         key=["examples", fmt, labelled, cfg.system_prompt, tokenizer_digest(tokenizer)]).to_dict()
     kept = list(zip(*(table[name] for name in EXAMPLE_COLUMNS)))
-    bad = [(i, error) for i, error, *_ in kept if error]
+    bad = sorted({i: error for i, error, *_ in kept if error}.items())  # a row's examples share its error
     if bad and cfg.on_bad_rows == "error":
         raise malformed_rows(label, bad, "row(s)")
     for _, reason in bad:
@@ -183,22 +184,18 @@ def _encode(rows, label: str, cfg: DataConfig, tokenizer, report: DataReport, la
         if dropped:
             report.malformed["undesirable (label false): not imitated by SFT"] = dropped
         kept = [k for k in kept if k[5]]
-    max_prompt, bos = report.max_prompt_length, tokenizer.bos_token_id
     out = []
     for i, _, prompt, p, c, desirable in kept:
         if not p:
             report.malformed["prompt renders to no tokens"] = report.malformed.get("prompt renders to no tokens", 0) + 1
             continue
-        if len(p) > max_prompt:
-            p = truncate_prompt(p, max_prompt, bos)
-            report.truncated_prompts += 1
-        budget = cfg.max_length - len(p)
-        if budget < 1:
+        fitted = fit(p, [c], cfg.max_length, cfg.prompt_budget, cfg.truncation, tokenizer.bos_token_id)
+        if fitted is None:
             report.dropped_for_length += 1
             continue
-        if len(c) > budget:
-            c = c[:budget]
-            report.truncated_completions += 1
+        p, (c,), prompt_cut, cuts = fitted
+        report.truncated_prompts += prompt_cut
+        report.truncated_completions += cuts
         out.append(EncodedExample(i, json.loads(prompt), p, c, bool(desirable)))
     return out
 
@@ -235,13 +232,15 @@ def build_completion_datasets(cfg: DataConfig, tokenizer, seed: int, labelled: b
 
 
 def mismatched(examples: list[EncodedExample], max_length: int) -> list[EncodedExample]:
-    """KTO's KL examples: each prompt with the completion of the next example from another source row, a
-    completion the policy has no reason to prefer for that prompt; cut to fit max_length."""
+    """KTO's KL examples: each prompt with the completion of the next example from another source row and of the
+    same label, a completion the policy has no reason to prefer for that prompt, cut to fit max_length. Matching
+    the label keeps the KL completions' mix of good and bad that of the batch whatever its order: preference
+    pairs in file order (chosen, rejected, chosen, ...) would otherwise lend only chosen completions."""
     n, out = len(examples), []
     for k, e in enumerate(examples):
-        # the next example from another source row (a preference row's two examples share their prompt)
-        other = next((examples[(k + j) % n] for j in range(1, n) if examples[(k + j) % n].index != e.index),
-                     examples[(k + 1) % n])
+        following = [examples[(k + j) % n] for j in range(1, n)]
+        other = next((o for o in following if o.index != e.index and o.desirable == e.desirable),
+                     next((o for o in following if o.index != e.index), examples[(k + 1) % n]))
         out.append(EncodedExample(e.index, e.prompt, e.prompt_ids,
                                   other.completion_ids[: max(1, max_length - len(e.prompt_ids))], e.desirable))
     return out

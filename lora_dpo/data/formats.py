@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 
 from ..errors import DataError
+from .tokenize import template_kwargs
 
 FORMATS = ("standard", "conversational", "implicit", "hh", "sharegpt")
 
@@ -50,6 +51,14 @@ def malformed_rows(label: str, bad: list[tuple[int, str]], noun: str) -> DataErr
     shown = "; ".join(f"row {i}: {reason}" for i, reason in bad[:SHOWN_BAD_ROWS])
     more = f"; and {len(bad) - SHOWN_BAD_ROWS} more" if len(bad) > SHOWN_BAD_ROWS else ""
     return DataError(f"{label}: {len(bad)} malformed {noun}: {shown}{more} (set data.on_bad_rows=skip to skip them)")
+
+
+def row_kwargs(record: dict) -> dict:
+    """The row's chat-template arguments: its `tools` and `chat_template_kwargs` columns, when it has them."""
+    try:
+        return template_kwargs(record.get("tools"), record.get("chat_template_kwargs"))
+    except ValueError as exc:  # json.JSONDecodeError
+        raise RowError(f"tools / chat_template_kwargs: not valid JSON ({exc})") from None
 
 
 def detect_format(columns, first_row: dict) -> str:

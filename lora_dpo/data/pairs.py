@@ -14,15 +14,13 @@ from dataclasses import dataclass
 
 import datasets
 
-from jinja2.exceptions import TemplateError  # jinja2 renders chat templates; torch depends on it
-
 from ..config import DataConfig
 from ..errors import DataError
-from .formats import RowError, detect_format, malformed_rows, normalise_row
+from .formats import RowError, detect_format, malformed_rows, normalise_row, row_kwargs
 from .encoded import encode_rows, ids, records, tokenizer_digest
 from .report import DataReport, Measured, profile, row_key
 from .sources import eval_rows, train_rows
-from .tokenize import Prompt, encode_completions, encode_prompts, render_prompt, truncate_prompt
+from .tokenize import Prompt, encode_conversations, fit
 
 
 @dataclass
@@ -43,15 +41,13 @@ def new_report(cfg: DataConfig, unit: str = "pair") -> DataReport:
     )  # fmt: skip
 
 
-def truncate_pair(p: list[int], c: list[int], r: list[int], max_length: int, max_prompt: int, bos):
-    """(prompt, chosen, rejected, prompt_cut, completions_cut), or None when the pair cannot fit."""
-    prompt_cut = len(p) > max_prompt
-    p = truncate_prompt(p, max_prompt, bos)
-    budget = max_length - len(p)
-    if budget < 1:
+def truncate_pair(p: list[int], c: list[int], r: list[int], cfg: DataConfig, bos):
+    """(prompt, chosen, rejected, prompt_cut, completions_cut) fitted to data.max_length by data.truncation
+    (tokenize.fit), or None when the pair cannot fit or its difference was cut off."""
+    fitted = fit(p, [c, r], cfg.max_length, cfg.prompt_budget, cfg.truncation, bos)
+    if fitted is None:
         return None
-    cuts = (len(c) > budget) + (len(r) > budget)
-    c, r = c[:budget], r[:budget]
+    p, (c, r), prompt_cut, cuts = fitted
     if c == r:  # the difference was cut off: the pair no longer says which reply is better
         return None
     return p, c, r, prompt_cut, cuts
@@ -67,27 +63,27 @@ def _encode_pairs(batch: dict, indices: list[int], *, fmt: str, system_prompt: s
     """One batch of rows -> one output row each: its index, why it is malformed ("" if it is not), the normalised
     prompt (JSON), the row's identity for duplicate counting, and its token ids before truncation."""
     out = {name: [] for name in PAIR_COLUMNS}
-    valid = []  # (position in out, normalised row, rendered prompt)
+    valid = []  # (position in out, normalised row, template arguments)
     for i, record in zip(indices, records(batch)):
-        error, row, text = "", None, ""
+        error, row = "", None
         try:
             row = normalise_row(record, fmt, system_prompt)
-            text = render_prompt(tokenizer, row["prompt"])
+            valid.append((len(out["index"]), row, row_kwargs(record)))
         except RowError as exc:
             error = exc.reason
-        except TemplateError as exc:  # templates raise on conversations they refuse, e.g. roles out of order
-            error = f"the chat template rejected the prompt ({exc})"
-        if not error:
-            valid.append((len(out["index"]), row, text))
         out["index"].append(i), out["error"].append(error)
         out["prompt"].append(json.dumps(row["prompt"]) if row else "null")
         out["key"].append(row_key(row) if row else b"")
-    prompts = encode_prompts(tokenizer, [text for _, _, text in valid])
-    chosen = encode_completions(tokenizer, [row["chosen"] for _, row, _ in valid])
-    rejected = encode_completions(tokenizer, [row["rejected"] for _, row, _ in valid])
     for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
         out[name] = [[] for _ in out["index"]]
-    for (k, _, _), p, c, r in zip(valid, prompts, chosen, rejected):
+    encoded = encode_conversations(tokenizer, [row["prompt"] for _, row, _ in valid],
+                                   [[row["chosen"], row["rejected"]] for _, row, _ in valid],
+                                   [kw for _, _, kw in valid])
+    for (k, _, _), enc in zip(valid, encoded):
+        if isinstance(enc, Exception):  # templates raise on conversations they refuse, e.g. roles out of order
+            out["error"][k] = f"the chat template rejected the prompt ({enc})"
+            continue
+        p, (c, r) = enc
         out["prompt_ids"][k], out["chosen_ids"][k], out["rejected_ids"][k] = p, c, r
         if not p:
             out["error"][k] = "prompt renders to no tokens"
@@ -124,7 +120,7 @@ def _encode_source(
         if error:
             continue
         measured.append(Measured(i, key, len(p), len(c), len(r)))
-        cut = truncate_pair(p, c, r, cfg.max_length, report.max_prompt_length, tokenizer.bos_token_id)
+        cut = truncate_pair(p, c, r, cfg, tokenizer.bos_token_id)
         if cut is None:
             report.dropped_for_length += 1
             continue

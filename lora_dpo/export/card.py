@@ -161,6 +161,19 @@ def _eval_section(final: dict, plots: list[str]) -> str:
     return "\n".join(lines + _plots_section(plots))
 
 
+def _origin_line(origin: dict) -> str:
+    """Which weights the base had: the GGUF file it was dequantised from, and the package of an example copy."""
+    sha = f" (sha256 `{origin['sha256'][:16]}…`)" if isinstance(origin.get("sha256"), str) else ""
+    where = origin.get("from", "")
+    if origin.get("package"):
+        where = f"the Python package `{origin['package']}`, the example copy of {origin.get('example_of', 'the base')}"
+    elif where:
+        where = where if is_hub_id(where) else _local_name(where)
+    return (f"The base's weights were dequantised from the GGUF file `{origin.get('gguf_file', '?')}`{sha}"
+            f"{' in ' + where if where else ''}: close to the original weights, not equal to them. On the original "
+            "weights the adapter's outputs differ slightly from those evaluated here.")
+
+
 def _usage(kind: str, repo: str, base_id: Optional[str]) -> str:
     base = base_id or "BASE_MODEL"
     adapter = f"""```python
@@ -207,11 +220,13 @@ def build_card(
     plots: Optional[list[str]] = None,
     verification: Optional[str] = None,
     license: Optional[dict] = None,
+    origin: Optional[dict] = None,
 ) -> ModelCard:
     """The card of an export. kind: 'adapter' or 'merged'; repo: the Hub id it is pushed to, or the local
     folder; base: the base as loaded; base_id: its Hub id (None for a local folder); recipe: the run's
     config.yaml as a dict; final: its eval.json; plots: PNG paths relative to the export folder, the first one
-    shown; verification: one line on the merge check; license: from `base_license`."""
+    shown; verification: one line on the merge check; license: from `base_license`; origin: the GGUF file the
+    base was dequantised from (run_info.json's base_origin), None for any other base."""
     if kind not in ("adapter", "merged"):
         raise ValueError(kind)
     tags = list(TAGS)
@@ -233,6 +248,8 @@ def build_card(
         f"# {name}",
         f"{what} {base_link}, trained with Direct Preference Optimization (DPO) by lora-dpo.",
     ]
+    if origin:
+        parts.append(_origin_line(origin))
     if _dotted(recipe or {}, "model.quantization") == "nf4":
         parts.append(
             "The adapter was trained on the base loaded in 4-bit NF4 (QLoRA). "
@@ -271,6 +288,6 @@ def write_card(
     licence = base_license(str(base_dir) if base_dir.is_dir() else (base_id or src.base_name), src.revision)
     card = build_card(
         kind=kind, repo=repo, base=src.base_name, base_id=base_id, recipe=src.recipe, final=src.final,
-        plots=plots, verification=verification, license=licence,
+        plots=plots, verification=verification, license=licence, origin=src.base_origin,
     )  # fmt: skip
     card.save(folder / "README.md")

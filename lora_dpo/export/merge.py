@@ -31,11 +31,11 @@ from ..core.logps import completion_token_logps
 from ..data.batches import collate_completions, forward_inputs, to_device
 from ..data.examples import EncodedExample
 from ..data.pairs import build_datasets
-from ..data.tokenize import encode_completion, encode_prompt
+from ..data.tokenize import encode_reply
 from ..errors import UserError, first_line
 from ..model.adapters import reference_model
 from ..model.load import DTYPES as TORCH_DTYPES
-from ..model.load import resolve_model_name
+from ..model.load import base_path
 from ..progress import progress
 from ..run.rundir import RunDir
 from ..run.source import Source
@@ -81,6 +81,7 @@ class SizeEstimate:
     how: str  # where the count comes from, in words
     disk_bytes: int  # the export folder
     ram_bytes: int  # peak memory of the merge on its device
+    check_dtype: str  # the dtype the merge is checked in: fp32 where it fits, else the export's
 
 
 def count_parameters(config, base: str, trust_remote_code: bool = False) -> tuple[int, str] | None:
@@ -123,53 +124,64 @@ def folder_bytes(folder: Path, skip: tuple[str, ...] = ()) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and f.name not in skip)
 
 
-def _warn_memory(need: int, device, log) -> None:
+def _free_memory(device) -> Optional[int]:
     try:
         if device.type == "cpu":
-            free = psutil.virtual_memory().available
-        elif device.type == "cuda":
-            free = torch.cuda.mem_get_info(device)[0]
-        else:
-            return
+            return psutil.virtual_memory().available
+        if device.type == "cuda":
+            return torch.cuda.mem_get_info(device)[0]
     except Exception:
-        return
-    if free < need:
-        log(f"warning: about {format_size(need)} needed, {format_size(free)} available on {device}; "
-            "the merge may run out of memory")
+        return None
+    return None
 
 
 def plan_merge(
     src: Source, out: Path, dtype: str, device, max_shard_size: str, trust_remote_code: bool, log=log_stderr
 ) -> Optional[SizeEstimate]:
-    """What the merge needs, said before anything heavy starts. Refuses (UserError) a bad `max_shard_size`, a
-    base checkpoint that is already quantized, and a disk that cannot hold the export; warns when `device`
-    looks short of memory. None when the base's parameters cannot be counted (then nothing is checked)."""
+    """What the merge needs, said before anything heavy starts, and the dtype it is checked in (see
+    merge_and_verify: fp32 where the base fits in it). Refuses (UserError) a bad `max_shard_size`, a base
+    checkpoint that is already quantized, and a disk that cannot hold the export; warns when `device` looks
+    short of memory. None when the base's parameters cannot be counted (then nothing is checked, and the merge
+    is checked in `dtype`)."""
     try:
         shard_bytes = convert_file_size_to_int(max_shard_size)
     except (ValueError, AttributeError):
         raise UserError(f"--max-shard-size {max_shard_size}: expected a size such as 2GB or 500MB") from None
-    base_path = resolve_model_name(src.base_name)
-    config = _load_config(base_path, src.revision, trust_remote_code)
+    path, revision = base_path(src.base_name, src.revision, src.gguf_file)
+    config = _load_config(path, revision, trust_remote_code)
     _refuse_prequantized(config, src.base_name)
-    counted = count_parameters(config, base_path, trust_remote_code)
+    counted = count_parameters(config, path, trust_remote_code)
     if counted is None:
-        log(f"notice: cannot count the parameters of '{src.base_name}'; no disk or memory estimate")
+        log(f"notice: cannot count the parameters of '{src.base_name}'; no disk or memory estimate, and the merge "
+            f"is checked in {dtype}")
         return None
     params, how = counted
     weights = params * _BYTES[dtype]
     extra = folder_bytes(src.adapter_dir, skip=("adapter_model.safetensors", "adapter_model.bin")) + 2**20
     adapter = sum(f.stat().st_size for f in src.adapter_dir.glob("adapter_model.*"))  # fp32, as trained
-    estimate = SizeEstimate(params, how, weights + extra, weights + min(shard_bytes, weights) + adapter)
+    free = _free_memory(device)
+    in_fp32 = params * _BYTES["fp32"] + adapter
+    check = "fp32" if free is None or free >= 1.2 * in_fp32 else dtype
+    ram = max(params * _BYTES[check] + adapter, weights + min(shard_bytes, weights) + adapter)
+    estimate = SizeEstimate(params, how, weights + extra, ram, check)
+    where = "RAM" if device.type == "cpu" else device.type + " memory"
     log(
         f"merge: '{src.base_name}' has {_count(params)} parameters ({how}); the merged {dtype} model "
         f"needs about {format_size(estimate.disk_bytes)} of disk in {out.parent} and about "
-        f"{format_size(estimate.ram_bytes)} of {'RAM' if device.type == 'cpu' else device.type + ' memory'} "
-        f"(one {dtype} copy of the model, plus one shard while saving). Estimate: {_BYTES[dtype]} bytes per "
-        "parameter" + ("" if Path(base_path).is_dir() else "; the base's own download, if it is not cached yet, "
-                       "goes to the Hugging Face cache besides")
+        f"{format_size(estimate.ram_bytes)} of {where} "
+        + (f"(the model in fp32, where the merge is checked, then saved in {dtype})" if check != dtype else
+           f"(one {dtype} copy of the model, plus one shard while saving)")
+        + ("" if Path(path).is_dir() else "; the base's own download, if it is not cached yet, goes to the "
+           "Hugging Face cache besides")
     )
+    if check != "fp32":
+        log(f"notice: the base in fp32 ({format_size(in_fp32)}) does not fit the {format_size(free or 0)} free "
+            f"on {device}, so the merge is checked in {dtype}, where rounding alone moves log-probs by up to "
+            "tenths of a nat on a deep model; if the check fails for that, pass a looser --tolerance")
     check_disk(out, estimate.disk_bytes)
-    _warn_memory(estimate.ram_bytes, device, log)
+    if free is not None and free < estimate.ram_bytes:
+        log(f"warning: about {format_size(estimate.ram_bytes)} needed, {format_size(free)} available on {device}; "
+            "the merge may run out of memory")
     return estimate
 
 
@@ -258,36 +270,53 @@ def merge_adapter(model):
 
 def merge_and_verify(
     folder: Path, src: Source, sequences, data: str, dtype: str, device, max_shard_size: str,
-    tolerance: Optional[float], trust_remote_code: bool, log=log_stderr,
+    tolerance: Optional[float], trust_remote_code: bool, log=log_stderr, check_dtype: Optional[str] = None,
 ) -> Verification:  # fmt: skip
-    """Load the base in `dtype` on `device` with the adapter, score `sequences` ([(prompt_ids, completion_ids)],
-    described by `data`) with base + adapter and with the base alone, merge, save the merged model into
-    `folder` as safetensors shards of at most `max_shard_size`, reload what was written, as a user will, and
-    compare (see TOLERANCES; `tolerance` replaces them by one bound in nats). Returns the comparison, passed or
-    not: the caller keeps or discards `folder`."""
-    log(f"loading '{src.base_name}' in {dtype} on {device}")
-    model = _load_model(resolve_model_name(src.base_name), dtype, device, src.revision, trust_remote_code)
+    """Load the base in `check_dtype` (default `dtype`) on `device` with the adapter, score `sequences`
+    ([(prompt_ids, completion_ids)], described by `data`) with base + adapter and with the base alone, merge,
+    score the merged model (the merge's check), cast it to `dtype`, save it into `folder` as safetensors shards of
+    at most `max_shard_size`, reload what was written, as a user will, and score it again (the files' check).
+    Returns the comparison, passed or not: the caller keeps or discards `folder`.
+
+    Why the check runs in fp32 where it can: the merge is exact arithmetic there (merged and base + adapter agree
+    to ~1e-5 nats), so any lost, doubled or misplaced update shows. In bf16 the merged weights round(W + BA) and
+    the unmerged round(W) + BA differ by one rounding of every weight, which on a 30-layer real model moves
+    log-probs by up to 0.2-0.3 nats: more than the effect of a lightly trained adapter, so no bf16 tolerance can
+    both pass a correct merge and catch a lost one. That rounding is the export dtype's, not the merge's: it is
+    measured and reported (Verification.rounding), not judged."""
+    check_dtype = check_dtype or dtype
+    log(f"loading '{src.base_name}' in {check_dtype} on {device}")
+    path, revision = base_path(src.base_name, src.revision, src.gguf_file)
+    model = _load_model(path, check_dtype, device, revision, trust_remote_code)
     try:
         model = PeftModel.from_pretrained(model, str(src.adapter_dir))
     except (RuntimeError, ValueError, KeyError, OSError) as exc:
         why = first_line(exc)
         raise UserError(f"the adapter in {src.adapter_dir} does not fit '{src.base_name}': {why}") from None
     model.eval()
-    # both references in the export dtype, before the merge changes the weights in place
+    # both references before the merge changes the weights in place
     reference = completion_logps(model, sequences, "scoring with base + adapter")
     with reference_model(model):
         bare = completion_logps(model, sequences, "scoring with the base alone")
-    log("merging the adapter into the base")
+    log(f"merging the adapter into the base ({check_dtype})")
     merged = merge_adapter(model)
-    log(f"saving the merged model ({max_shard_size} shards at most)")
+    in_memory = completion_logps(merged, sequences, "scoring with the merged model") if check_dtype != dtype else None
+    with torch.no_grad():  # the weights in the export dtype, one by one (the fp32 copy is freed as it goes); not
+        for param in merged.parameters():  # merged.to(dtype), which would round the rotary frequencies as well
+            param.data = param.data.to(TORCH_DTYPES[dtype])
+    cast = completion_logps(merged, sequences, f"scoring the merged model in {dtype}") if check_dtype != dtype else None
+    log(f"saving the merged model in {dtype} ({max_shard_size} shards at most)")
     merged.save_pretrained(str(folder), max_shard_size=max_shard_size)  # safetensors, generation_config.json
     del model, merged
     gc.collect()  # peft's wrappers hold reference cycles: free the merged copy before the reload
 
     log("reloading what was saved, as a user will, to check it")
     reloaded = _load_model(str(folder), dtype, device, trust_remote_code=trust_remote_code)
-    got = completion_logps(reloaded, sequences, "scoring with the merged model")
-    return compare_logps(got, reference, bare, dtype, data, tolerance)
+    saved = completion_logps(reloaded, sequences, "scoring the saved model")
+    if check_dtype == dtype:
+        return compare_logps(saved, reference, bare, dtype, data, tolerance)
+    return compare_logps(in_memory, reference, bare, check_dtype, data, tolerance, saved=saved, cast=cast,
+                         saved_dtype=dtype)
 
 
 # ----------------------------------------------------------------------------------------------- verification
@@ -306,14 +335,36 @@ class Verification:
     data: str  # what was scored, in words
     passed: bool
     blind: bool  # the adapter's effect is within the tolerance: the check cannot see a lost adapter
+    checked_in: str = "fp32"  # the dtype of the merge's check
+    saved_dtype: Optional[str] = None  # the dtype the model was saved in, when not checked_in
+    reload_diff: Optional[float] = None  # largest |log p_saved - log p_merged cast to saved_dtype|: the files' check
+    rounding: Optional[float] = None  # largest |log p_saved - log p_base+adapter|: what saved_dtype's rounding moves
+
+    @property
+    def rounding_exceeds_adapter(self) -> bool:
+        """The saved dtype's rounding moves log-probs more than the adapter does: it keeps the adapter loosely."""
+        return self.rounding is not None and self.rounding > self.adapter_effect
 
     def summary(self) -> str:
         text = (
-            f"Largest per-token log-prob difference, merged vs base + adapter: {self.max_abs_diff:.2e} nats "
-            f"(tolerance {self.atol:g} + {self.rtol:g}·|log p|) over {self.tokens} completion tokens of "
-            f"{self.data}; the adapter itself moves these log-probs by up to {self.adapter_effect:.2e}"
+            f"Merged and checked in {self.checked_in}: largest per-token log-prob difference, merged vs base + "
+            f"adapter, {self.max_abs_diff:.2e} nats (tolerance {self.atol:g} + {self.rtol:g}·|log p|) over "
+            f"{self.tokens} completion tokens of {self.data}; the adapter itself moves these log-probs by up to "
+            f"{self.adapter_effect:.2e}"
         )
+        if self.saved_dtype is not None:
+            text += (
+                f". Saved in {self.saved_dtype} and reloaded: {self.reload_diff:.2e} nats from the merge cast to "
+                f"{self.saved_dtype}; that rounding moves log-probs by up to {self.rounding:.2e} nats from base + "
+                f"adapter in {self.checked_in}"
+            )
+        if self.rounding_exceeds_adapter:
+            text += f". Warning: {ROUNDING.format(dtype=self.saved_dtype)}"
         return text + (f". Warning: {BLIND}" if self.blind else "")
+
+
+ROUNDING = ("{dtype} rounding moves these log-probs more than the adapter does, so the {dtype} model keeps the "
+            "adapter's effect only roughly; --dtype fp32, or the adapter alone, keeps it whole")
 
 
 def verification_sequences(src: Source, tokenizer, n: int = VERIFY_PAIRS, log=log_stderr):
@@ -330,7 +381,7 @@ def verification_sequences(src: Source, tokenizer, n: int = VERIFY_PAIRS, log=lo
             log(f"notice: the run's data cannot be read ({first_line(exc)}); verifying on fixed prompts instead")
     if not pairs:
         fixed = FIXED_PAIRS[: max(1, n)]
-        pairs = [(encode_prompt(tokenizer, p), encode_completion(tokenizer, r)) for p, r in fixed]
+        pairs = [encode_reply(tokenizer, p, r) for p, r in fixed]
         what = f"{len(pairs)} fixed prompts and replies"
     cut = [(p[-_VERIFY_PROMPT_TOKENS:], c[:_VERIFY_COMPLETION_TOKENS]) for p, c in pairs]
     return cut, what
@@ -349,13 +400,23 @@ def completion_logps(model, sequences, desc: Optional[str] = None) -> torch.Tens
     return torch.cat(out)
 
 
-def compare_logps(merged, reference, bare, dtype: str, data: str, tolerance: Optional[float] = None) -> Verification:
-    """Check merged against base+adapter (`reference`) token by token; `bare` is the base alone. All three
-    are [M] float32 per-token log-probs of the same completion tokens."""
+def compare_logps(merged, reference, bare, dtype: str, data: str, tolerance: Optional[float] = None, *,
+                  saved=None, cast=None, saved_dtype: Optional[str] = None) -> Verification:
+    """Check merged against base+adapter (`reference`) token by token, in `dtype`; `bare` is the base alone. All
+    are [M] float32 per-token log-probs of the same completion tokens. When the model was saved in another dtype
+    (`saved_dtype`): `saved` is the reloaded model's, checked against `cast` (the merged model cast to it)."""
     atol, rtol = (tolerance, 0.0) if tolerance is not None else TOLERANCES[dtype]
     diff = (merged - reference).abs()
     allowed = atol + rtol * reference.abs()
     finite = bool(merged.isfinite().all())
+    passed = finite and bool((diff <= allowed).all())
+    reload_diff = rounding = None
+    if saved_dtype is not None:
+        finite = finite and bool(saved.isfinite().all())
+        reload_diff = float((saved - cast).abs().max()) if finite else float("nan")
+        s_atol, s_rtol = TOLERANCES[saved_dtype]
+        passed = passed and finite and bool(((saved - cast).abs() <= s_atol + s_rtol * cast.abs()).all())
+        rounding = float((saved - reference).abs().max()) if finite else float("nan")
     return Verification(
         max_abs_diff=float(diff.max()) if finite else float("nan"),
         atol=atol,
@@ -363,6 +424,10 @@ def compare_logps(merged, reference, bare, dtype: str, data: str, tolerance: Opt
         tokens=int(reference.numel()),
         adapter_effect=float((reference - bare).abs().max()),
         data=data,
-        passed=finite and bool((diff <= allowed).all()),
+        passed=passed,
         blind=bool(((reference - bare).abs() <= allowed).all()),
+        checked_in=dtype,
+        saved_dtype=saved_dtype,
+        reload_diff=reload_diff,
+        rounding=rounding,
     )

@@ -27,7 +27,7 @@ from ..run.source import Source, resolve_source
 from .card import hub_model_id, is_hub_id, write_card
 from .hub import check_repo_id, list_files
 from .merge import (
-    BLIND, SizeEstimate, Verification, check_disk, folder_bytes, format_size, log_stderr, merge_and_verify,
+    BLIND, ROUNDING, SizeEstimate, Verification, check_disk, folder_bytes, format_size, log_stderr, merge_and_verify,
     parse_device, plan_merge, verification_sequences,
 )  # fmt: skip
 from .tolerance import DTYPES, VERIFY_PAIRS
@@ -35,7 +35,8 @@ from .tolerance import DTYPES, VERIFY_PAIRS
 
 def load_source_tokenizer(src: Source):
     """The tokenizer the adapter was trained with (model/load.load_tokenizer_for)."""
-    cfg = ModelConfig(name=src.base_name, revision=src.revision, trust_remote_code=src.trust_remote_code)
+    cfg = ModelConfig(name=src.base_name, revision=src.revision, gguf_file=src.gguf_file,
+                      trust_remote_code=src.trust_remote_code)
     return load_tokenizer_for(src.adapter_dir, cfg)
 
 
@@ -152,14 +153,18 @@ def _export_merged(src, out, base_id, repo, dtype, device, max_shard_size, toler
     tokenizer = load_source_tokenizer(src)
     sequences, data = verification_sequences(src, tokenizer, verify_pairs, log)
     with staged_dir(out) as tmp:
-        verification = merge_and_verify(tmp, src, sequences, data, dtype, device, max_shard_size, tolerance, trc, log)
+        verification = merge_and_verify(tmp, src, sequences, data, dtype, device, max_shard_size, tolerance, trc, log,
+                                        check_dtype=estimate.check_dtype if estimate else None)
         if not verification.passed:
             raise UserError(
                 f"merge verification failed: {verification.summary()}. Nothing was written to {out}. If this is "
-                "rounding in a very deep model, rerun with a looser --tolerance (nats per token)"
+                f"rounding in a very deep model checked in {verification.checked_in}, rerun with a looser --tolerance "
+                "(nats per token)"
             )
         if verification.blind:
             log(f"warning: {BLIND}")
+        if verification.rounding_exceeds_adapter:
+            log(f"warning: {ROUNDING.format(dtype=dtype)} ({verification.rounding:.2e} vs {verification.adapter_effect:.2e} nats)")
         tokenizer.save_pretrained(str(tmp))
         write_card(tmp, src, "merged", repo, base_id, verification.summary())
     return ExportResult(out=out, kind="merged", base=src.base_name, base_id=base_id, files=list_files(out),

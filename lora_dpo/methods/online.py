@@ -15,7 +15,7 @@ import torch
 
 from ..core.stats import OnlineStats
 from ..data.pairs import EncodedPair
-from ..data.tokenize import Prompt, encode_prompt, truncate_prompt
+from ..data.tokenize import Prompt, encode_prompt, reply_end, stop_ids, truncate_prompt
 from ..model.layout import Layout
 from ..model.sampling import sample_ids
 from ..model.wrapped import policy_of
@@ -28,9 +28,9 @@ from .preference import PreferenceMethod
 
 @dataclass
 class Sample:
-    ids: list[int]  # the generated token ids: up to and including the first EOS; no EOS when cut short
+    ids: list[int]  # the generated ids up to the end of the turn, then the rest of the template's turn end (as an offline reply ends); as generated when cut short
     text: str  # ids decoded without special tokens, stripped: what the judge reads
-    finished: bool  # ends with EOS (False: hit max_new_tokens, or cut to fit max_length)
+    finished: bool  # ended its turn (False: hit max_new_tokens, or cut to fit max_length)
 
 
 def prompt_ids(tokenizer, prompt: Prompt, max_prompt_length: int | None = None) -> list[int]:
@@ -57,10 +57,11 @@ def sample_completions(
     """k samples per prompt from the model as it is (the policy: adapter on), `result[i][j]` for prompt i.
 
     Tokenisation contract: the prompt is `prompt_ids(tokenizer, prompt, max_prompt_length)`, the context
-    training will use; a sample keeps the ids the model generated, up to and including the first
-    `tokenizer.eos_token_id` (the EOS `encode_completion` appends, so a finished sample ends exactly as an
-    offline completion does). A sample that reaches `max_new_tokens` without EOS is kept as it is, with no EOS
-    added: DPO then trains on a cut completion, as it does on an offline one cut to max_length. With
+    training will use; a sample keeps the ids the model generated, up to and including the first id that ends its
+    turn (data/tokenize.stop_ids), followed by whatever else the chat template writes at the end of a turn
+    (ChatML's newline after `<|im_end|>`), so a finished sample ends exactly as an offline reply does. A sample
+    that reaches `max_new_tokens` first is kept as it is: DPO then trains on a cut completion, as it does on an
+    offline one cut to max_length. With
     `max_length`, each sample is cut to `max_length - len(prompt ids)` tokens before it is decoded, so the judge
     reads exactly the tokens that will be trained on.
 
@@ -70,18 +71,22 @@ def sample_completions(
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    eos = tokenizer.eos_token_id
+    stop, end = stop_ids(tokenizer), reply_end(tokenizer)
     encoded = [prompt_ids(tokenizer, p, max_prompt_length) for p in prompts]
     rows = [i for i in range(len(prompts)) for _ in range(k)]  # prompt i's k samples are adjacent
     budget = [max_new_tokens if max_length is None else min(max_new_tokens, max_length - len(e)) for e in encoded]
     for i, b in enumerate(budget):
         if b < 1:
             raise ValueError(f"prompt {i}: {len(encoded[i])} tokens leave no room in max_length {max_length}")
-    generated = sample_ids(model, [encoded[i] for i in rows], pad_id=tokenizer.pad_token_id, eos_id=eos,
+    generated = sample_ids(model, [encoded[i] for i in rows], pad_id=tokenizer.pad_token_id, stop=stop,
                            max_new_tokens=[budget[i] for i in rows], temperature=temperature, top_p=top_p, seed=seed,
                            batch_size=batch_size, pure=True)
-    samples = [Sample(ids=ids, text=tokenizer.decode(ids, skip_special_tokens=True).strip(),
-                      finished=bool(ids) and ids[-1] == eos) for ids in generated]
+    samples = []
+    for ids in generated:
+        finished = bool(ids) and ids[-1] in stop
+        text = tokenizer.decode(ids, skip_special_tokens=True).strip()  # what the judge reads: the reply alone
+        samples.append(Sample(ids=ids + end[1:] if finished and ids[-1] == end[0] else ids, text=text,
+                              finished=finished))
     return [samples[i * k : (i + 1) * k] for i in range(len(prompts))]
 
 
@@ -186,6 +191,8 @@ def online_pairs(
     max_prompt = max_prompt_length if max_prompt_length is not None else max_length // 2
     if max_prompt >= max_length:
         raise ValueError(f"max_prompt_length {max_prompt} leaves no room for a completion in max_length {max_length}")
+    # what fits is not cut (data/tokenize.fit): the prompt keeps as much as max_new_tokens leaves room for
+    max_prompt = max(max_prompt, max_length - max_new_tokens)
     samples = sample_completions(
         model, tokenizer, prompts, k, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
         seed=seed, max_length=max_length, max_prompt_length=max_prompt, batch_size=batch_size,

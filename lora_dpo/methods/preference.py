@@ -5,17 +5,23 @@ from __future__ import annotations
 
 import torch
 
-from ..core.losses import LOSSES, chosen_nll, preference_loss
+from ..core.losses import LOSSES, chosen_nll, implicit_rewards, preference_loss
 from ..core.stats import PairStats
 from ..data.batches import collate_for, forward_inputs, move, to_device
 from ..data.pairs import build_datasets
 from ..model.adapters import reference_model
+from ..model.layout import Layout
 from ..model.wrapped import policy_of
 from .base import Method, StepContext
 
 
 class PreferenceMethod(Method):
     """Pairs, one concatenated forward of [chosen; rejected] (or shared-prompt rows) per micro-batch."""
+
+    def __init__(self, recipe, tokenizer, layout: Layout = Layout(False)):
+        super().__init__(recipe, tokenizer, layout)
+        if self.spec.needs_reference and self.length_normalized():  # the rewards it optimises, logged too
+            self.Stats = self.Stats.per_token()
 
     @property
     def spec(self):
@@ -57,7 +63,8 @@ class PreferenceMethod(Method):
                     ref, _ = model(**forward_inputs(batch))
             else:
                 ref = move(ref_sums.T.reshape(-1), sums.device)  # [B, 2] -> [chosen..., rejected...]
-        if self.length_normalized():
+        normalized = self.length_normalized()
+        if normalized:
             safe = counts.clamp(min=1)
             pol, rf = sums / safe, (ref / safe if ref is not None else None)
         else:
@@ -72,5 +79,9 @@ class PreferenceMethod(Method):
         if cfg.rpo_alpha > 0:
             loss = loss + cfg.rpo_alpha * chosen_nll(sums[:b], counts[:b])
         kl_num = (sums.detach() - ref).sum()
-        stats.add(loss, out.chosen_rewards, out.rejected_rewards, sums[:b], sums[b:], kl_num, counts.sum(), tokens)
+        # rewards/* as TRL logs them for every loss: beta x the summed log-ratio; a loss on per-token means also
+        # logs the rewards it optimises, as rewards_per_token/*
+        chosen, rejected = implicit_rewards(sums[:b], ref[:b], beta), implicit_rewards(sums[b:], ref[b:], beta)
+        per_token = (out.chosen_rewards, out.rejected_rewards) if normalized else None
+        stats.add(loss, chosen, rejected, sums[:b], sums[b:], kl_num, counts.sum(), tokens, per_token=per_token)
         return loss.mean()

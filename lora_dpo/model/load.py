@@ -1,7 +1,8 @@
 """Tokenizer and base model (4-bit NF4 or 16/32-bit), loaded as a recipe's `model` section says.
 
-`model.name` is a Hub id, a local folder, or a registered name (names.py: `toy`, which the toy world builds on
-first use).
+`model.name` is a Hub id, a local folder, or a registered name (names.py: `toy`, whose base ships with the
+package). An example model's Hub id loads its example copy where the Hub cannot give it (examples.py); a
+`model.gguf_file` in that folder or repository loads through its dequantised folder (gguf.py).
 """
 
 from __future__ import annotations
@@ -15,13 +16,38 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAn
 from .. import names
 from ..config import ModelConfig
 from ..errors import ConfigError, UserError, first_line
+from . import examples, gguf
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
+
 def resolve_model_name(name: str) -> str:
-    """A registered name (`toy`) is its folder, built on first use; anything else is a Hub id or a local folder."""
+    """A registered name (`toy`) is its folder; an example model's Hub id is its example copy where the Hub cannot
+    give it (examples.py); anything else is a Hub id or a local folder."""
     folder = names.lookup("model", name)
-    return str(folder()) if folder is not None else name
+    if folder is not None:
+        return str(folder())
+    return examples.stand_in(name) or name
+
+
+def base_path(name: str, revision: str | None = None, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """(where the base loads from, at which revision): `resolve_model_name`, or for a GGUF file in that folder or
+    Hub repository its dequantised folder (which has no revision)."""
+    name = resolve_model_name(name)
+    if gguf_file:
+        return str(gguf.dequantised(name, gguf_file, revision)), None
+    return name, revision
+
+
+def model_source(cfg: ModelConfig) -> tuple[str, str | None]:
+    """`base_path` of a recipe's model section."""
+    return base_path(cfg.name, cfg.revision, cfg.gguf_file)
+
+
+def base_origin(cfg: ModelConfig) -> dict | None:
+    """Where a base from a GGUF file came from (gguf.SOURCE of its dequantised folder: the file, its digest, the
+    package of an example copy), None for any other base: a run records it, the card of an export names it."""
+    return gguf.origin(model_source(cfg)[0])
 
 
 def compute_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
@@ -48,8 +74,8 @@ def four_bit_available(device: torch.device) -> str | None:
 def load_model_config(cfg: ModelConfig):
     """The model's configuration alone (AutoConfig: a Hub id or a local folder; no weights are read)."""
     try:
-        return AutoConfig.from_pretrained(resolve_model_name(cfg.name), revision=cfg.revision,
-                                          trust_remote_code=cfg.trust_remote_code)
+        name, revision = model_source(cfg)
+        return AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"model.name: cannot read a model configuration from '{cfg.name}': {first_line(exc)}") from None
 
@@ -57,9 +83,9 @@ def load_model_config(cfg: ModelConfig):
 def load_tokenizer(cfg: ModelConfig):
     """The model's tokenizer, right-padded, with a pad token (its EOS when it has none: padding is always
     masked out, so the pad id never reaches a loss)."""
-    name = resolve_model_name(cfg.name)
+    name, revision = model_source(cfg)
     try:
-        tok = AutoTokenizer.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"model.name: cannot load a tokenizer from '{cfg.name}': {first_line(exc)}") from None
     if tok.eos_token_id is None:
@@ -109,9 +135,9 @@ def quant_storage_dtype(cfg: ModelConfig, dtype: torch.dtype, sharded: bool) -> 
 def load_base_model(cfg: ModelConfig, device: torch.device, sharded: bool = False):
     """The frozen base model, in 4-bit NF4 with double quantisation when asked and possible, else 16/32-bit.
     `sharded`: FSDP or DeepSpeed ZeRO-3 will split it across processes (no device map; see quant_storage_dtype)."""
-    name = resolve_model_name(cfg.name)
+    name, revision = model_source(cfg)
     dtype = compute_dtype(cfg, device)
-    kwargs = dict(revision=cfg.revision, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    kwargs = dict(revision=revision, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.quantization == "nf4":

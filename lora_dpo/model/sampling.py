@@ -16,7 +16,7 @@ from ..core.logps import SequenceLogps, completion_logps
 from ..core.losses import implicit_rewards as reward_of
 from ..data.batches import collate_completions, forward_inputs, to_device
 from ..data.examples import EncodedExample
-from ..data.tokenize import Prompt, encode_completion, encode_prompt
+from ..data.tokenize import Prompt, encode_prompt, encode_reply, stop_ids
 from ..progress import progress
 from .adapters import reference_model
 
@@ -39,11 +39,12 @@ def eval_mode(model):
 
 
 @torch.no_grad()
-def sample_ids(model, prompts: Sequence[list[int]], *, pad_id: int, eos_id: int, max_new_tokens: Sequence[int],
+def sample_ids(model, prompts: Sequence[list[int]], *, pad_id: int, stop: Sequence[int], max_new_tokens: Sequence[int],
                temperature: float, top_p: float, seed: int, batch_size: int, pure: bool = False,
                desc: str | None = None) -> list[list[int]]:
-    """One sample per row of prompt ids from the model as it is, each up to and including its first `eos_id`
-    and at most its own `max_new_tokens[i]` tokens (no EOS when cut short).
+    """One sample per row of prompt ids from the model as it is, each up to and including its first id of `stop`
+    (the end of its turn: data/tokenize.stop_ids) and at most its own `max_new_tokens[i]` tokens (no stop id when
+    cut short).
 
     Rows go to `model.generate` `batch_size` at a time, left-padded so that every prompt ends at the column
     where generation starts. A forked RNG seeded with `seed` draws the samples: the same seed and batches give
@@ -65,10 +66,10 @@ def sample_ids(model, prompts: Sequence[list[int]], *, pad_id: int, eos_id: int,
             ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=device)
             attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
             new = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max(budgets), pad_token_id=pad_id,
-                                 eos_token_id=eos_id, use_cache=True, **sampling)[:, width:].tolist()
+                                 eos_token_id=list(stop), use_cache=True, **sampling)[:, width:].tolist()
             for row, budget in zip(new, budgets):
-                # generate pads a row only after its EOS, so a row without EOS is all generated tokens
-                cut = row.index(eos_id) + 1 if eos_id in row else len(row)
+                # generate pads a row only after its stop id, so a row without one is all generated tokens
+                cut = next((k + 1 for k, token in enumerate(row) if token in stop), len(row))
                 out.append(row[: min(cut, budget)])
     return out
 
@@ -93,7 +94,7 @@ def generate(
     progress bar's title (None: quiet)."""
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     with contextlib.nullcontext() if adapter else reference_model(model):
-        rows = sample_ids(model, encoded, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+        rows = sample_ids(model, encoded, pad_id=tokenizer.pad_token_id, stop=stop_ids(tokenizer),
                           max_new_tokens=[max_new_tokens] * len(encoded), temperature=temperature, top_p=top_p,
                           seed=seed, batch_size=batch_size, desc=desc)
     return [text.strip() for text in tokenizer.batch_decode(rows, skip_special_tokens=True)]
@@ -105,8 +106,7 @@ def score_completions(model, tokenizer, prompts: Sequence[Prompt], completions: 
     """Summed log-probs of each completion (encoded as training encodes it) after its prompt, under the policy
     and under the reference: (policy, reference), [N] each. In eval mode, without gradients."""
     device = next(model.parameters()).device
-    examples = [EncodedExample(i, p, encode_prompt(tokenizer, p), encode_completion(tokenizer, c), True)
-                for i, (p, c) in enumerate(zip(prompts, completions))]
+    examples = [EncodedExample(i, p, *encode_reply(tokenizer, p, c), True) for i, (p, c) in enumerate(zip(prompts, completions))]
     policy, reference = [], []
     with eval_mode(model):
         for start in range(0, len(examples), batch_size):

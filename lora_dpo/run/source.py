@@ -28,6 +28,8 @@ class Source:
     trust_remote_code: bool
     plots: list[Path] = field(default_factory=list)
     beta: Optional[float] = None  # the beta the adapter was trained to (the final one under adaptive beta)
+    gguf_file: Optional[str] = None  # the run's model.gguf_file: the base is that GGUF file in base_name
+    base_origin: Optional[dict] = None  # run_info.json's: the GGUF file the trained base was dequantised from
 
 
 def _read_json(path: Path) -> dict:
@@ -75,7 +77,7 @@ def resolve_source(source: str | os.PathLike, base: Optional[str] = None) -> Sou
         raise UserError(f"{source}: is a file; expected a run directory or an adapter folder")
     adapter_dir, run, checkpoint = _locate(path, source)
     recipe = final = None
-    beta = None
+    beta = base_origin = None
     if run is not None:
         try:
             recipe = yaml.safe_load(run.config.read_text())
@@ -85,19 +87,23 @@ def resolve_source(source: str | os.PathLike, base: Optional[str] = None) -> Sou
         if checkpoint is None and run.eval.is_file():
             final = _read_json(run.eval)
         beta = run.final_beta()
+        if run.run_info.is_file():
+            base_origin = _read_json(run.run_info).get("base_origin")
         if checkpoint is not None:  # the beta of that step (adaptive beta moves it)
             state = _read_json(checkpoint / STATE_FILE)
             beta = float(state["beta"]) if isinstance(state.get("beta"), (int, float)) else beta
     model = (recipe or {}).get("model") or {}
     adapter_cfg = _read_json(adapter_dir / "adapter_config.json")
+    gguf_file = None
     if base:
         name, revision = base, None
     elif isinstance(model.get("name"), str):
-        name, revision = model["name"], model.get("revision")
+        name, revision, gguf_file = model["name"], model.get("revision"), model.get("gguf_file")
     elif isinstance(adapter_cfg.get("base_model_name_or_path"), str):
         name, revision = adapter_cfg["base_model_name_or_path"], adapter_cfg.get("revision")
     else:
         raise UserError(f"{source}: cannot tell which base model the adapter belongs to; pass --base")
     plots = sorted(run.plots.glob("*.png")) if run is not None and checkpoint is None else []
     return Source(adapter_dir, run.path if run else None, recipe, final, name, revision,
-                  bool(model.get("trust_remote_code")), plots, beta)
+                  bool(model.get("trust_remote_code")), plots, beta, gguf_file,
+                  base_origin if isinstance(base_origin, dict) and not base else None)

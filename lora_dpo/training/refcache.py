@@ -36,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..data.fingerprint import pair_ids_digest
-from ..model.load import compute_dtype, resolve_model_name
+from ..model.load import compute_dtype, model_source
 from ..paths import cache_root, locked
 
 CACHE_VERSION = 1  # part of the key: bump it when the table's meaning or the file format changes
@@ -67,12 +67,13 @@ def tokenisation_component(tokenizer, data_cfg) -> str:
         "specials": [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id],
         "chat_template": getattr(tokenizer, "chat_template", None),
         "max_length": data_cfg.max_length, "max_prompt_length": data_cfg.max_prompt_length,
+        "truncation": data_cfg.truncation,
         "system_prompt": data_cfg.system_prompt,
     })
 
 
 def base_model_component(model_cfg, policy, device: torch.device) -> dict:
-    name = resolve_model_name(model_cfg.name)
+    name, _ = model_source(model_cfg)
     local = Path(name).is_dir()
     config = getattr(policy, "config", None)
     return {

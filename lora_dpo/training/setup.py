@@ -22,13 +22,14 @@ from ..core.losses import LOSSES
 from ..data.fingerprint import data_fingerprint
 from ..data.order import pair_widths
 from ..errors import ConfigError
+from ..memory.allocator import keep_freed_memory
 from ..methods import Data, Method, method_class
 from ..methods.judges import check_judge_spec
 from ..model.adapters import (POLICY, REFERENCE, adapter_fingerprint, load_adapter_weights, load_policy,
                               resolve_adapter, trainable_parameters)
 from ..model.checkpointing import apply_auto
 from ..model.layout import Layout, decide_layout
-from ..model.load import load_model_config, load_tokenizer
+from ..model.load import base_origin, load_model_config, load_tokenizer
 from ..model.offload import embeddings_on_cpu
 from ..model.tiling import tile_mlps
 from ..model.wrapped import PolicyLogps, policy_of
@@ -201,7 +202,7 @@ def record_or_restore(recipe: Recipe, run: RunDir, accelerator: Accelerator, pol
             name = recipe.model.name
             fingerprints = {"train": data_fingerprint(data.train, name), "eval": data_fingerprint(data.eval, name)}
             run.write_json(run.run_info, {**run_info(accelerator.device, fingerprints), "processes": world,
-                                          "total_steps": total_steps})
+                                          "total_steps": total_steps, "base_origin": base_origin(recipe.model)})
     state.pairs_per_step, state.processes = recipe.train.pairs_per_step(world), world
     return state
 
@@ -210,6 +211,8 @@ def setup(recipe: Recipe) -> Setup:
     """Phase 1 of a run: checks, data, device, model, schedule, and the state to start from."""
     t, run = recipe.train, RunDir(recipe.output_dir)
     procs = PartialState(cpu=wants_cpu())  # one process, or one of several under `accelerate launch`
+    if procs.device.type == "cpu":
+        keep_freed_memory()  # memory/allocator.py: 10-15% faster steps on the CPU
     resume_from = check_before_loading(recipe, run, procs.num_processes)
     set_seed(t.seed)
 

@@ -22,7 +22,7 @@ from lora_dpo.data.pairs import EncodedPair, build_datasets
 from lora_dpo.data.report import DataReport, length_stats, percentile
 from lora_dpo import names
 from lora_dpo.data.sources import load_rows
-from lora_dpo.data.tokenize import encode_completion, encode_prompt
+from lora_dpo.data.tokenize import encode_completion, encode_prompt, encode_reply
 from lora_dpo.errors import DataError
 
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -357,14 +357,14 @@ def test_chatml_prompt_and_completion_tokens_equal_the_full_rendered_chat(tmp_pa
     row = {"prompt": "write a short review", "chosen": "the movie was great .", "rejected": "the plot was dull ."}
     path = write_jsonl(tmp_path / "d.jsonl", [row])
     [pair], _, _ = build_datasets(config(path), tok_chatml, seed=0)
-    # the template's rendering of [user, assistant], worked out by hand from CHATML_TEMPLATE, up to the end token
-    full = "<|im_start|>user\nwrite a short review<|im_end|>\n<|im_start|>assistant\nthe movie was great .<|im_end|>"
+    # the template's rendering of [user, assistant], worked out by hand from CHATML_TEMPLATE: the reply ends as the
+    # template ends an assistant turn, <|im_end|> and a newline
+    full = "<|im_start|>user\nwrite a short review<|im_end|>\n<|im_start|>assistant\nthe movie was great .<|im_end|>\n"
     assert pair.prompt_ids + pair.chosen_ids == tok_chatml(full, add_special_tokens=False)["input_ids"]
     prompt = "<|im_start|>user\nwrite a short review<|im_end|>\n<|im_start|>assistant\n"
     assert tok_chatml.decode(pair.prompt_ids) == prompt
-    assert tok_chatml.decode(pair.prompt_ids + pair.chosen_ids[:-1]) == full.removesuffix("<|im_end|>")
-    assert pair.chosen_ids[-1] == pair.rejected_ids[-1] == tok_chatml.eos_token_id
-    assert tok_chatml.decode(pair.rejected_ids) == "the plot was dull .<|im_end|>"
+    assert pair.chosen_ids[-2] == pair.rejected_ids[-2] == tok_chatml.eos_token_id
+    assert tok_chatml.decode(pair.rejected_ids) == "the plot was dull .<|im_end|>\n"
 
 
 def test_a_prompt_the_chat_template_refuses_is_a_malformed_row(tmp_path, tok_chatml):
@@ -456,29 +456,59 @@ LONG_REPLY = "the movie was great and the acting was wonderful . " * 3
 
 def test_truncation_keeps_the_prompt_end_and_the_completion_start(tmp_path, tok_chatml):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": LONG_PROMPT, "chosen": LONG_REPLY, "rejected": "boring ."}])
-    full_prompt = encode_prompt(tok_chatml, LONG_PROMPT)
-    full_chosen = encode_completion(tok_chatml, LONG_REPLY)
-    full_rejected = encode_completion(tok_chatml, "boring .")
+    full_prompt, full_chosen = encode_reply(tok_chatml, LONG_PROMPT, LONG_REPLY)
+    full_rejected = encode_reply(tok_chatml, LONG_PROMPT, "boring .")[1]
     assert len(full_prompt) > 10 and len(full_chosen) > 14 and len(full_rejected) <= 14  # premises
     [pair], _, report = build_datasets(config(path, max_length=24, max_prompt_length=10), tok_chatml, seed=0)
     assert pair.prompt_ids == full_prompt[-10:]  # cut from the left to max_prompt_length
     assert tok_chatml.decode(pair.prompt_ids).endswith("<|im_start|>assistant\n")
-    assert pair.chosen_ids == full_chosen[:14]  # 24 - 10: cut from the right, so no EOS
+    assert pair.chosen_ids == full_chosen[:14]  # 24 - 10: cut from the right, so no end of turn
     assert pair.chosen_ids[-1] != tok_chatml.eos_token_id
     assert pair.rejected_ids == full_rejected  # fits, untouched
     assert (report.truncated_prompts, report.truncated_completions, report.dropped_for_length) == (1, 1, 0)
 
 
-def test_default_prompt_budget_is_half_of_max_length(tmp_path, tok_chatml):
+def test_a_pair_that_fits_max_length_is_never_cut(tmp_path, tok_chatml):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": LONG_PROMPT, "chosen": "great .", "rejected": "dull ."}])
+    prompt, chosen = encode_reply(tok_chatml, LONG_PROMPT, "great .")
+    fits = len(prompt) + len(chosen) + 1  # the rejected reply is no longer
+    assert len(prompt) > fits // 2  # premise: the prompt is longer than the default max_prompt_length
+    [pair], _, report = build_datasets(config(path, max_length=fits), tok_chatml, seed=0)
+    assert (pair.prompt_ids, pair.chosen_ids) == (prompt, chosen)
+    assert (report.truncated_pairs, report.truncated_prompts, report.truncated_completions) == (0, 0, 0)
+
+
+def test_a_long_prompt_loses_only_what_the_longest_reply_needs(tmp_path, tok_chatml):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": LONG_PROMPT, "chosen": "great .", "rejected": "dull ."}])
+    prompt, chosen = encode_reply(tok_chatml, LONG_PROMPT, "great .")
     [pair], _, report = build_datasets(config(path, max_length=30), tok_chatml, seed=0)
-    assert pair.prompt_ids == encode_prompt(tok_chatml, LONG_PROMPT)[-15:]
-    assert report.max_prompt_length == 15
+    assert len(prompt) + len(chosen) > 30 and 30 - len(chosen) > 15  # premises: too long; the reply leaves > 15
+    assert pair.prompt_ids == prompt[-(30 - len(chosen)):] and pair.chosen_ids == chosen
+    assert (report.truncated_prompts, report.truncated_completions, report.max_prompt_length) == (1, 0, 15)
+
+
+def test_with_long_replies_the_prompt_keeps_max_prompt_length_half_of_max_length_by_default(tmp_path, tok_chatml):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": LONG_PROMPT, "chosen": LONG_REPLY, "rejected": "dull ."}])
+    prompt, chosen = encode_reply(tok_chatml, LONG_PROMPT, LONG_REPLY)
+    [pair], _, _ = build_datasets(config(path, max_length=30), tok_chatml, seed=0)
+    assert pair.prompt_ids == prompt[-15:] and pair.chosen_ids == chosen[:15]
+
+
+def test_keep_start_keeps_the_whole_prompt_and_drops_a_pair_it_fills(tmp_path, tok_chatml):
+    rows = [{"prompt": LONG_PROMPT, "chosen": LONG_REPLY, "rejected": "dull ."},
+            {"prompt": LONG_PROMPT * 3, "chosen": "great .", "rejected": "dull ."}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    prompt, chosen = encode_reply(tok_chatml, LONG_PROMPT, LONG_REPLY)
+    assert len(encode_prompt(tok_chatml, LONG_PROMPT * 3)) >= 80 > len(prompt) + 5  # premises
+    assert len(prompt) + len(chosen) > 80
+    [pair], _, report = build_datasets(config(path, max_length=80, truncation="keep_start"), tok_chatml, seed=0)
+    assert pair.prompt_ids == prompt and pair.chosen_ids == chosen[: 80 - len(prompt)]
+    assert (report.truncated_prompts, report.dropped_for_length) == (0, 1)
 
 
 def test_truncated_llama3_prompt_keeps_its_bos(tmp_path, tok_llama3):
     bos = tok_llama3.bos_token_id
-    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": LONG_PROMPT, "chosen": "great .", "rejected": "dull ."}])
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": LONG_PROMPT, "chosen": LONG_REPLY, "rejected": "dull ."}])
     [pair], _, _ = build_datasets(config(path, max_length=24, max_prompt_length=10), tok_llama3, seed=0)
     full = encode_prompt(tok_llama3, LONG_PROMPT)
     assert pair.prompt_ids == [bos] + full[-9:]
@@ -736,7 +766,7 @@ def test_prompt_lengths_include_the_chat_template(tmp_path, tok_chatml):
     rendered = len(encode_prompt(tok_chatml, "write a short review"))
     assert rendered > len(tok_chatml("write a short review")["input_ids"])  # premise: the template adds tokens
     assert report.lengths["prompt"]["max"] == rendered
-    assert report.lengths["sequence"]["max"] == rendered + len(encode_completion(tok_chatml, "great ."))
+    assert report.lengths["sequence"]["max"] == rendered + len(encode_reply(tok_chatml, "write a short review", "great .")[1])
 
 
 def test_format_shows_each_figure_and_the_warnings_that_apply(tmp_path, tok_plain):

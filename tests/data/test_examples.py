@@ -8,7 +8,7 @@ import pytest
 from lora_dpo.data.batches import collate_completions
 from lora_dpo.data.examples import build_completion_datasets, detect_single_format, mismatched
 from lora_dpo.config import DataConfig
-from lora_dpo.data.tokenize import encode_completion, encode_prompt
+from lora_dpo.data.tokenize import encode_prompt, encode_reply
 from lora_dpo.errors import DataError
 
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -43,7 +43,9 @@ def test_single_completion_formats_are_recognised(rows, fmt, tmp_path, tok_chatm
     assert detect_single_format(list(rows[0]), rows[0]) == fmt
     train, _, report = build(write(tmp_path / "d.jsonl", rows), tok_chatml, labelled=False)
     ex = train[0]
-    assert ex.completion_ids == encode_completion(tok_chatml, "hello")  # one EOS, as preference data
+    # the reply as the template writes it after the prompt, end of turn included, as preference data
+    assert ex.completion_ids == encode_reply(tok_chatml, "hi" if fmt != "alpaca" else "greet", "hello")[1]
+    assert tok_chatml.decode(ex.completion_ids) == "hello<|im_end|>\n"
     assert report.formats == {fmt: 1} and report.unit == "example"
 
 
@@ -107,13 +109,24 @@ def test_mismatched_examples_never_answer_their_own_rows_prompt(tmp_path, tok_ch
     assert shifted[0].completion_ids == train[2].completion_ids  # g0's prompt gets g1, not its own b0
 
 
-def test_mismatched_examples_pair_each_prompt_with_the_next_completion(tmp_path, tok_chatml):
+def test_mismatched_examples_pair_each_prompt_with_the_next_completion_of_its_label(tmp_path, tok_chatml):
     rows = [{"prompt": f"q{i}", "completion": f"answer {i}", "label": i % 2 == 0} for i in range(3)]
-    train, _, _ = build(write(tmp_path / "d.jsonl", rows), tok_chatml, labelled=True)
+    train, _, _ = build(write(tmp_path / "d.jsonl", rows), tok_chatml, labelled=True)  # labels: good, bad, good
     shifted = mismatched(train, max_length=1024)
     assert [s.prompt_ids for s in shifted] == [e.prompt_ids for e in train]
-    assert [s.completion_ids for s in shifted] == [train[1].completion_ids, train[2].completion_ids,
+    # good 0 -> good 2; bad 1 has no other bad example -> the next of another row, good 2; good 2 -> good 0
+    assert [s.completion_ids for s in shifted] == [train[2].completion_ids, train[2].completion_ids,
                                                    train[0].completion_ids]
+
+
+def test_pairs_in_file_order_lend_the_kl_examples_good_and_bad_completions_alike(tmp_path, tok_chatml):
+    """Evaluation reads pair-derived examples in file order (good, bad, good, bad ...): the KL reference point must
+    not be estimated on good completions alone."""
+    rows = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(4)]
+    train, _, _ = build(write(tmp_path / "d.jsonl", rows), tok_chatml, labelled=True)
+    shifted = mismatched(train, max_length=1024)
+    label_of = {tuple(e.completion_ids): e.desirable for e in train}
+    assert [label_of[tuple(s.completion_ids)] for s in shifted] == [e.desirable for e in train]
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "kto_en_demo.json").is_file(), reason="shared demo data not present")

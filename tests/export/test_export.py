@@ -132,6 +132,12 @@ def test_merged_model_loads_with_plain_transformers_and_matches_base_plus_adapte
     assert isinstance(result.max_logp_diff, float) and v.passed
     assert 0 <= result.max_logp_diff <= atol
     assert v.adapter_effect > 2 * atol and not v.blind  # a merge that lost the adapter would fail the check
+    # the merge is checked in fp32, where it is exact; a bf16 export is that merge rounded once, then saved
+    assert v.checked_in == "fp32" and v.max_abs_diff <= merge.TOLERANCES["fp32"][0]
+    if dtype == "bf16":
+        assert v.saved_dtype == "bf16" and v.reload_diff <= merge.TOLERANCES["bf16"][0]
+        assert v.max_abs_diff < v.rounding <= atol  # what bf16's rounding moves, reported beside
+        assert "Saved in bf16 and reloaded" in v.summary()
     files = {name for name, _ in result.files}
     assert {"config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json",
             "README.md"} <= files and sum(f.endswith(".safetensors") for f in files) >= 2  # fmt: skip
@@ -176,15 +182,25 @@ def test_verification_falls_back_to_fixed_prompts_when_the_runs_data_is_gone(tra
     assert all(prompt and completion for prompt, completion in seqs)
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_verification_catches_a_merge_that_lost_the_adapter_and_writes_nothing(
-    strong_adapter, tiny_qwen2, tmp_path, monkeypatch
+    strong_adapter, tiny_qwen2, tmp_path, monkeypatch, dtype
 ):
     monkeypatch.setattr(merge, "merge_adapter", lambda model: model.unload())  # drops the adapter, merges nothing
     out = tmp_path / "merged"
     with pytest.raises(UserError, match="merge verification failed") as err:
-        export(strong_adapter, out, base=str(tiny_qwen2), merge=True, dtype="fp32")
+        export(strong_adapter, out, base=str(tiny_qwen2), merge=True, dtype=dtype)
     assert "Nothing was written" in str(err.value)
     assert not out.exists() and no_partial_left(out)
+
+
+def test_a_base_too_large_for_fp32_is_checked_in_the_export_dtype(strong_adapter, tiny_qwen2, tmp_path, monkeypatch):
+    monkeypatch.setattr(merge, "_free_memory", lambda device: 1000)  # bytes: no fp32 copy fits
+    said = []
+    result = export(strong_adapter, tmp_path / "merged", base=str(tiny_qwen2), merge=True, dtype="bf16", log=said.append)
+    v = result.verification
+    assert v.passed and v.checked_in == "bf16" and v.saved_dtype is None and v.max_abs_diff <= merge.TOLERANCES["bf16"][0]
+    assert any("checked in bf16" in line and "--tolerance" in line for line in said)
 
 
 def test_merge_refuses_a_prequantized_base_checkpoint(strong_adapter, tiny_qwen2, tmp_path):

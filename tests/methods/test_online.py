@@ -6,7 +6,8 @@ import random
 import pytest
 import torch
 
-from lora_dpo.config import LoraConfig, ModelConfig
+
+from lora_dpo.config import DataConfig, LoraConfig, ModelConfig
 from lora_dpo.data.pairs import truncate_pair as _truncate
 from lora_dpo.data.tokenize import encode_completion, encode_prompt
 from lora_dpo.errors import ConfigError
@@ -307,7 +308,8 @@ def test_build_pairs_truncates_like_the_offline_data(tok_llama3):
     chosen, rejected = list(range(100, 130)), list(range(200, 230))
     samples = [[Sample(chosen, "c", False), Sample(rejected, "r", False)]]
     (pair,), _ = build_pairs(tok_llama3, [prompt], samples, [[1.0, 0.0]], max_length=40, max_prompt_length=16)
-    expected = _truncate(full, chosen, rejected, 40, 16, tok_llama3.bos_token_id)
+    cfg = DataConfig(train="rows", max_length=40, max_prompt_length=16)
+    expected = _truncate(full, chosen, rejected, cfg, tok_llama3.bos_token_id)
     assert (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids) == expected[:3]
     assert pair.prompt_ids[0] == tok_llama3.bos_token_id and len(pair.prompt_ids) == 16
     assert pair.prompt_ids == prompt_ids(tok_llama3, prompt, 16)

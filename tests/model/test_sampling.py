@@ -52,12 +52,12 @@ def test_batched_left_padded_generation_equals_one_prompt_at_a_time(policy):
 
 
 def test_implicit_reward_is_beta_times_the_log_ratio(policy):
-    from lora_dpo.data.tokenize import encode_completion, encode_prompt
+    from lora_dpo.data.tokenize import encode_reply
     from lora_dpo.core.logps import sequence_logps
     from lora_dpo.model.adapters import reference_model
 
     model, tok = policy
-    p, c = encode_prompt(tok, "is it good ?"), encode_completion(tok, "yes")
+    p, c = encode_reply(tok, "is it good ?", "yes")
     ids = torch.tensor([p + c])
     mask = torch.tensor([[False] * len(p) + [True] * len(c)])
     model.eval()

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lora_dpo import paths
+from lora_dpo.paths import build_once
 from lora_dpo.data.tokenize import encode_completion, encode_prompt
 from lora_dpo.toy import build, cache, toy_model_path, world
 
@@ -204,7 +205,7 @@ def test_build_once_keeps_the_folder_of_a_build_that_finished_first(monkeypatch,
         target.mkdir()
         (target / "theirs.txt").write_text("theirs")
 
-    assert cache.build_once(target, racing_build, "a thing") == target
+    assert build_once(target, racing_build, "a thing") == target
     assert [p.name for p in target.iterdir()] == ["theirs.txt"]
     assert [p.name for p in target.parent.iterdir()] == ["thing"]  # our temporary folder is gone
 
@@ -218,7 +219,7 @@ def test_build_once_leaves_nothing_behind_when_the_build_fails(monkeypatch, tmp_
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        cache.build_once(target, failing_build, "a thing")
+        build_once(target, failing_build, "a thing")
     assert list(target.parent.iterdir()) == []
 
 
@@ -229,7 +230,7 @@ def test_a_killed_builds_temporary_folder_is_removed_by_the_next_build(monkeypat
     killed = tmp_path / "toy" / ".thing.a1b2c3"
     killed.mkdir(parents=True)
     (killed / "half.txt").write_text("half")
-    cache.build_once(target, lambda folder: (folder / "whole.txt").write_text("whole"), "a thing")
+    build_once(target, lambda folder: (folder / "whole.txt").write_text("whole"), "a thing")
     assert sorted(p.name for p in target.parent.iterdir()) == ["thing"]
 
 
