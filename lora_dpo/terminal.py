@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import time
 from typing import Iterator
 
 LOG_EVERY = 10.0  # seconds between the lines of a bar that is not on a terminal
+_CURSOR = re.compile(r"\x1b\[[0-9;]*[A-HJKf]")  # cursor moves and erases: how tqdm redraws nested bars (ESC [A)
 
 
 class Lines:
@@ -32,6 +34,7 @@ class Lines:
         self.pending = ""
 
     def write(self, text: str) -> int:
+        n, text = len(text), _CURSOR.sub("", text)  # a log has no cursor to move
         parts = text.split("\n")
         for k, part in enumerate(parts):
             redrawn = "\r" in part
@@ -42,7 +45,7 @@ class Lines:
             elif redrawn and (self.fresh or time.monotonic() - self.last >= self.every):
                 self._emit(self.pending)
                 self.fresh = False
-        return len(text)
+        return n
 
     def flush(self) -> None:
         self.stream.flush()

@@ -57,6 +57,16 @@ def test_plain_lines_pass_at_once_and_text_split_across_writes_stays_one_line(cl
                                              "last bar 7%"]
 
 
+def test_a_nested_bar_leaves_no_cursor_moves_in_a_log(clock):
+    out = io.StringIO()
+    lines = Lines(out, every=10)
+    lines.write("\rdpo: 50%")
+    lines.write("\n\reval: 100%\x1b[A")  # tqdm: the inner bar on the next row, then the cursor back up to the outer
+    lines.write("\rdpo: 51%")
+    lines.close()
+    assert "\x1b" not in out.getvalue() and out.getvalue().splitlines() == ["dpo: 50%", "eval: 100%", "dpo: 51%"]
+
+
 def test_lines_off_terminal_leaves_a_terminal_alone(monkeypatch):
     class Tty(io.StringIO):
         def isatty(self):

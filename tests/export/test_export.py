@@ -151,6 +151,8 @@ def test_merged_model_loads_with_plain_transformers_and_matches_base_plus_adapte
     seqs, _ = merge.verification_sequences(resolve_source(strong_adapter, str(tiny_qwen2)), tok)
     got, want = merge.completion_logps(merged, seqs), merge.completion_logps(reference, seqs)
     torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+    if dtype != "fp32":  # greedy text in bf16 follows rounding: one flipped argmax changes the rest
+        return
     # greedy answers: the merged model says what base + adapter says, and that is not what the base says
     greedy = dict(temperature=0, max_new_tokens=12)
     merged_text = generate(merged, tok, PROMPTS, **greedy)
