@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import ConfigError
+from ..errors import ConfigError, check_utf8
 from ..paths import shipped_recipe, shipped_recipes
 from .recipe import ModelConfig, Recipe
 
@@ -125,8 +125,9 @@ def _with_base(tree: dict, path: Path, seen: tuple = ()) -> dict:
 
 def read_yaml(path: Path) -> dict:
     """A recipe file's top-level mapping, floats written as 5e-5 read as numbers; ConfigError naming the file."""
+    check_utf8(path, f"recipe {path}", ConfigError)
     try:
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"recipe {path}: not valid YAML: {exc}") from None
     if not isinstance(loaded, dict):

@@ -9,6 +9,7 @@ either way. Nothing is read with `dict.get(key, default)`, so a misspelt key can
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 import re
 import types
@@ -21,6 +22,9 @@ from ..core.losses import LOSSES
 from ..errors import ConfigError
 
 REQUIRED = "???"  # marks a key that has no default: the recipe or the command line must set it
+# keys that name a model, a file, a dataset, a revision or code: an empty string names nothing (null unsets them)
+NAMES = {"output_dir", "model.name", "model.revision", "model.gguf_file", "model.adapter", "data.train", "data.eval",
+         "data.rounds", "eval.scorer", "online.judge"}
 
 
 def knob(default: Any, must: str | None = None, *, choices: Callable[[], tuple[str, ...]] | None = None):
@@ -77,6 +81,10 @@ class Section:
             key, value = self._prefix + f.name, getattr(self, f.name)
             if value == REQUIRED:
                 raise ConfigError(f"missing required key '{key}'")
+            if key in NAMES and any(isinstance(v, str) and not v.strip() for v in (value if isinstance(value, list)
+                                                                                        else [value])):
+                raise ConfigError(f"{key}: cannot be empty" + ("" if key in ("output_dir", "model.name", "data.train")
+                                                                 else " (null unsets it)"))
             must = f.metadata.get("must")
             if must and not _within(value, must):
                 raise ConfigError(f"{key}: must be {must}, got {value!r}")
@@ -125,6 +133,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # .inf / .nan: a learning rate or beta of inf trains an adapter of NaNs
+                raise ConfigError(f"{key}: must be a finite number, got {value!r}")
             return float(value)
     elif tp is str:
         if isinstance(value, str):
@@ -216,7 +226,7 @@ class TrainConfig(Section, section="train"):
     mlp_chunks: int = knob(1, '>= 1')  # run each MLP over this many slices of tokens: its intermediates are held one slice at a time in backward, for one more MLP forward per step (model/tiling.py)
     log_every: int = knob(1, '>= 1')  # optimizer steps between metrics.jsonl rows
     eval_every: Optional[int] = knob(None, '>= 1')  # optimizer steps between evaluations; None: only at the end
-    seed: int = 42  # seeds python, numpy and torch; CPU runs are deterministic for a given seed
+    seed: int = knob(42, "in [0, 4294967295] (numpy's seeds)")  # seeds python, numpy and torch; CPU runs are deterministic for a given seed
     save_every: Optional[int] = knob(100, '>= 1')  # optimizer steps between checkpoints (and one at the end); None: only at the end
     keep_last: Optional[int] = knob(2, '>= 1')  # checkpoints kept on disk, newest first; None keeps all
     max_nonfinite_steps: int = knob(3, '>= 1')  # consecutive steps with a NaN/inf loss or gradient (each skipped) that stop the run

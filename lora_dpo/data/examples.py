@@ -11,7 +11,8 @@
 
 SFT keeps only desirable examples of labelled data (a thumbs-down reply is not one to imitate); KTO needs a label
 on every example. Labels are booleans (or 0/1). Prompts and completions are tokenised exactly as preference data
-(tokenize.py): chat template with the generation prompt, one EOS after the completion, the prompt cut from the left.
+(tokenize.py): the reply rendered through the chat template after the prompt, ending as the template ends an
+assistant turn (one EOS without a template); truncation as data.truncation says.
 """
 
 from __future__ import annotations

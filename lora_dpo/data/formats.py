@@ -27,8 +27,11 @@ EXPECTED_COLUMNS = (
     "conversations/chosen/rejected (ShareGPT)"
 )
 
-# ShareGPT speaker names -> chat-template roles
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+# The roles a message may have, in every format: what chat templates know (tool: a tool's result). Anything else is
+# refused with its row, never trained on as it stands.
+ROLES = ("system", "user", "assistant", "tool")
+# ShareGPT speaker names -> chat-template roles (LLaMA-Factory writes a tool's result as `observation`)
+_SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "observation": "tool", **{r: r for r in ROLES}}
 
 # a turn marker at the start of the text or after a blank line, as in Anthropic/hh-rlhf
 _HH_TURN = re.compile(r"(?:\A|\n\n)[ \t]*(Human|Assistant):")
@@ -153,8 +156,10 @@ def _message(value, where: str, sharegpt: bool = False) -> dict:
         raise RowError(f"{where} has no role (expected a 'role' or 'from' key)")
     if sharegpt or value.get("role") is None:  # from/value speakers are named human/gpt
         if role not in _SHAREGPT_ROLES:
-            raise RowError(f"{where} has an unsupported role '{role}'")
+            raise RowError(f"{where} has an unsupported role '{role}' (expected {', '.join(_SHAREGPT_ROLES)})")
         role = _SHAREGPT_ROLES[role]
+    elif role not in ROLES:
+        raise RowError(f"{where} has an unsupported role '{role}' (expected {', '.join(ROLES)})")
     if not isinstance(content, str):
         raise RowError(f"{where} has no text content")
     return {"role": role, "content": content}

@@ -10,7 +10,7 @@ import datasets
 
 from .. import names
 from ..config import DataConfig
-from ..errors import DataError, first_line
+from ..errors import DataError, check_utf8, first_line
 
 # local file suffix -> the `datasets` builder that reads it (json also reads a top-level JSON array)
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -59,6 +59,8 @@ def _open_local(source: str) -> "datasets.DatasetDict | None":
         suffix = _suffix(path)
         if suffix not in _BUILDERS:
             raise DataError(f"{source}: unsupported file type '{suffix}'; use .json, .jsonl, .csv or .parquet")
+        if suffix != ".parquet" and _suffix(path) == path.suffix.lower():  # text, not compressed
+            check_utf8(path, source, DataError)
         return _load_local(source, _BUILDERS[suffix], data_files=str(path))
     if looks_like_path(source):
         raise DataError(f"{source}: no such file or folder")

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from .. import names
-from ..config import import_callable
+from ..config.callables import SAMPLE_TEXT, import_callable, try_once
 from ..data.tokenize import Prompt, render_prompt
 from ..errors import ConfigError, first_line
 
@@ -130,7 +130,10 @@ def check_judge_spec(spec: str) -> None:
         if not spec[len(REWARD_MODEL_PREFIX) :]:
             raise ConfigError(f"{KEY}: '{REWARD_MODEL_PREFIX}' needs a local folder or a Hub id after it")
         return
-    import_callable(spec, KEY, SPEC_FORMS)
+    fn = import_callable(spec, KEY, SPEC_FORMS)
+    returned = try_once(fn, ("A sample prompt.", [SAMPLE_TEXT, SAMPLE_TEXT]), KEY, spec,
+                        "fn(prompt, completions: list[str]) -> list[float]")
+    _as_scores(returned, 2, spec)
 
 
 def _default_device() -> torch.device:

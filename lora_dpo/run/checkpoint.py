@@ -9,6 +9,7 @@ checkpoint or a temporary folder that resume ignores.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -20,8 +21,9 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
-from ..errors import ConfigError
+from ..errors import ConfigError, first_line
 from .rundir import ADAPTER_DIR, STATE_FILE, RunDir
 
 
@@ -56,12 +58,12 @@ def save_checkpoint(run: RunDir | Path, state: TrainerState, write_adapter: Call
     tmp.mkdir()
     write_adapter(tmp / ADAPTER_DIR)
     if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        _save(optimizer.state_dict(), tmp / "optimizer.pt")
+    _save(scheduler.state_dict(), tmp / "scheduler.pt")
     if scaler is not None:
-        torch.save(scaler.state_dict(), tmp / "scaler.pt")
+        _save(scaler.state_dict(), tmp / "scaler.pt")
     rng_states = rng_states or [rng_state()]
-    torch.save({**rng_states[0], "processes": rng_states}, tmp / "rng.pt")  # top level: process 0's
+    _save({**rng_states[0], "processes": rng_states}, tmp / "rng.pt")  # top level: process 0's
     (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
     _fsync_dir(tmp)
     if final.exists():  # a checkpoint of the same step from an earlier attempt: replace it whole
@@ -79,18 +81,71 @@ def complete_checkpoints(run: RunDir | Path) -> list[Path]:
     return RunDir.of(run).complete_checkpoints()
 
 
+def _save(obj, file: Path) -> None:
+    """torch.save, with a full disk reported as the OSError it is (torch's writer raises a RuntimeError)."""
+    try:
+        torch.save(obj, file)
+    except RuntimeError as exc:
+        if shutil.disk_usage(file.parent).free >= 1 << 20:
+            raise
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file)) from exc
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """What is broken in a complete-looking checkpoint, naming the file (None when every file reads): a truncated
+    tensor file, a state file that is not JSON, a missing RNG file. Reads each file once; a LoRA checkpoint is
+    small."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        return f"{path / STATE_FILE}: {first_line(exc)}"
+    weights = next((path / ADAPTER_DIR / n for n in ("adapter_model.safetensors", "adapter_model.bin")
+                    if (path / ADAPTER_DIR / n).exists()), path / ADAPTER_DIR / "adapter_model.safetensors")
+    try:
+        if weights.suffix == ".safetensors":
+            load_file(weights)
+        else:
+            torch.load(weights, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a truncated or garbled file raises what its reader raises
+        return f"{weights}: {first_line(exc)}"
+    for name, required in (("rng.pt", True), ("scheduler.pt", True), ("optimizer.pt", False), ("scaler.pt", False)):
+        file = path / name
+        if not file.exists() and not required:
+            continue
+        try:
+            torch.load(file, weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - as above
+            return f"{file}: {first_line(exc)}"
+    return None
+
+
 def find_resume_checkpoint(run: RunDir | Path, resume) -> Path | None:
-    """`resume=true`: the newest complete checkpoint of the run (None when there is none);
-    `resume=<path>`: that checkpoint, which must be complete."""
+    """`resume=true`: the newest complete checkpoint of the run whose files all read, saying which newer ones are
+    broken and why (None when there is none); `resume=<path>`: that checkpoint, which must be complete and whole."""
     run = RunDir.of(run)
     if resume is True:
         for bad in run.incomplete_checkpoints():
             print(f"notice: skipping incomplete checkpoint {bad}", file=sys.stderr)
-        done = run.complete_checkpoints()
-        return done[-1] if done else None
+        broken = []
+        for path in reversed(run.complete_checkpoints()):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                if broken:
+                    print(f"notice: resuming from {path}, the newest checkpoint whose files all read", file=sys.stderr)
+                return path
+            broken.append(problem)
+            print(f"notice: skipping broken checkpoint {path} ({problem})", file=sys.stderr)
+        if broken:
+            raise ConfigError(f"resume: every checkpoint of {run.path} is broken, the newest at {broken[0]}; start "
+                              "again with overwrite=true, or restore the files")
+        return None
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
         raise ConfigError(f"resume: {path} is not a complete checkpoint (no {STATE_FILE})")
+    if (problem := checkpoint_problem(path)) is not None:
+        raise ConfigError(f"resume: {path} is broken: {problem}; resume=true takes the newest checkpoint that is whole")
     return path
 
 

@@ -31,12 +31,16 @@ from typing import Optional
 
 import torch
 import yaml
+from filelock import FileLock, Timeout
 
 from ..errors import ConfigError
 
 STATE_FILE = "trainer_state.json"  # written last inside a checkpoint: its presence marks a complete one
 ADAPTER_DIR = "adapter"  # the adapter's folder in a run and in each of its checkpoints
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+_HELD: dict = {}  # run directory -> the FileLock this process holds on it (RunDir.hold)
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,47 @@ class RunDir:
     # -- what a run holds
     def existing_outputs(self) -> list[str]:
         return [name for name in self.OUTPUTS if (self.path / name).exists()]
+
+    @property
+    def lock_file(self) -> Path:
+        return self.path / ".lock"
+
+    def hold(self) -> None:
+        """Hold the run directory for this process (a file lock in it, made if need be): a second run into the same
+        output_dir is refused while this one trains. The operating system drops the lock when the process ends,
+        killed or not, so a stale lock never blocks a resume. `release` lets it go."""
+        key = self.path.resolve()
+        if key in _HELD:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.lock_file))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise ConfigError(f"output_dir: another run is training in {self.path} (it holds {self.lock_file}); wait "
+                              "for it to end, or choose another output_dir") from None
+        _HELD[key] = lock
+
+    def release(self) -> None:
+        lock = _HELD.pop(self.path.resolve(), None)
+        if lock is not None:
+            lock.release()
+
+    def check_writable(self) -> None:
+        """Refuse an output_dir that is a file, or that cannot be written (the folder, or the nearest one that exists
+        above it when it is yet to be made)."""
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"output_dir: {self.path} is a file, not a folder; choose another output_dir")
+        folder = self.path
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ConfigError(f"output_dir: {folder} cannot be written (permissions or a read-only file system); "
+                              "choose another output_dir")
+
+    def finished(self) -> bool:
+        """The run ended: its final adapter or its final evaluation is there."""
+        return (self.adapter / "adapter_config.json").is_file() or self.eval.is_file()
 
     def check_fresh(self, overwrite: bool) -> None:
         existing = self.existing_outputs()

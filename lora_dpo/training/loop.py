@@ -15,6 +15,8 @@ number, indexes by a mask or copies from pageable memory (data/batches.to_device
 
 from __future__ import annotations
 
+import errno
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,7 @@ import torch
 from accelerate.utils import gather_object
 
 from ..config import Recipe
+from ..errors import UserError
 from ..core.stats import Stats, home
 from ..data.order import PairStream, shards, step_micro_batches, training_stream
 from ..memory.track import peak_memory_gb
@@ -32,7 +35,7 @@ from ..model.adapters import adapter_fingerprint, save_adapter, snapshot_referen
 from ..model.offload import activation_offload
 from ..progress import progress
 from ..run.checkpoint import rng_state, save_checkpoint
-from ..run.metrics import DiscardLog, MetricsLog
+from ..run.metrics import DiscardLog, MetricsLog, read_metrics
 from ..run.plots import write_plots
 from ..run.rundir import RunDir, staged_dir
 from .distributed import clip_params, gathered_adapter, log, max_over_processes, reduce_stats, reduce_sum
@@ -47,14 +50,26 @@ def train(recipe: Recipe) -> dict:
     evaluation (also written to eval.json).
 
     Raises `Interrupted` after a safe stop (checkpoint written) and `UserError` for what the user can fix."""
-    session = Session(setup(recipe))
-    with out_of_memory_advice(), StopRequest() as stop:
-        session.reference_pass()
-        session.baseline(stop)
-        session.run_steps(stop)
-        final = session.finish()
-    session.write_result(final)
-    return final
+    try:
+        session = Session(setup(recipe))
+        with out_of_memory_advice(), StopRequest() as stop:
+            session.reference_pass()
+            session.baseline(stop)
+            session.run_steps(stop)
+            final = session.finish()
+        session.refuse_non_finite(final)
+        session.write_result(final)
+        return final
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        run = RunDir(recipe.output_dir)
+        done = run.complete_checkpoints() if run.checkpoints.is_dir() else []
+        raise UserError(f"output_dir: cannot write in {run.path}{f' ({exc.filename})' if exc.filename else ''}: "
+                        f"{exc.strerror}. Free space there (or make it writable), then continue with resume=true"
+                        + (f" from the last complete checkpoint, {done[-1]}" if done else "")) from None
+    finally:
+        RunDir(recipe.output_dir).release()  # the run directory's lock (RunDir.hold), however the run ended
 
 
 @dataclass
@@ -287,6 +302,24 @@ class Session:
         s.state.window = s.method.Stats().state()
         self.checkpoint()
         return final
+
+    def refuse_non_finite(self, final: dict) -> None:
+        """A final evaluation with a non-finite metric is an error, never "done": no adapter is written as the
+        result, and the message names the newest checkpoint saved before the training metrics went non-finite."""
+        bad = [k for k, v in final.items() if isinstance(v, float) and not math.isfinite(v)]
+        if not bad:
+            return
+        s = self.s
+        rows = read_metrics(s.run.metrics) if s.run.metrics.is_file() else []
+        broke = next((r["step"] for r in rows if r.get("split") == "train" and not all(
+            math.isfinite(v) for v in _numeric(r).values())), s.state.step + 1)
+        good = [c for c in s.run.complete_checkpoints() if int(c.name.split("-")[1]) < broke]
+        where = (f"the newest checkpoint before the metrics went non-finite (step {broke}) is {good[-1]}: resume "
+                 f"from it with resume={good[-1]} and a lower train.lr") if good else \
+            "no checkpoint was saved before the metrics went non-finite; start again with a lower train.lr"
+        raise UserError(f"the final evaluation is not finite ({', '.join(bad[:4])}): training diverged (a learning "
+                        f"rate or beta too large, fp16 overflow, or rows that break the loss). No adapter was written "
+                        f"to {s.run.adapter}; {where}")
 
     def write_result(self, final: dict) -> None:
         """The adapter, eval.json and the plots; every process returns once the run directory is complete."""

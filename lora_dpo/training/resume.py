@@ -13,7 +13,8 @@ from ..run.rundir import STATE_FILE
 
 # Keys a resumed run may change: how long it trains, what it records and how it spends memory, not what it computes.
 # The split of the global batch into batch_size x grad_accum x processes may change too: it is checked on its own.
-RESUMABLE_CHANGES = {"resume", "overwrite", "train.epochs", "train.max_steps", "train.eval_every", "train.save_every",
+# output_dir: a run folder moved elsewhere resumes where it now is
+RESUMABLE_CHANGES = {"output_dir", "resume", "overwrite", "train.epochs", "train.max_steps", "train.eval_every", "train.save_every",
                      "train.keep_last", "train.log_every", "train.report_to", "train.batch_size", "train.grad_accum",
                      "train.reference_cache", "train.activation_offload", "train.embeddings_on_cpu",
                      "train.mlp_chunks", "model.gradient_checkpointing"}

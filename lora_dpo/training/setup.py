@@ -21,7 +21,7 @@ from ..core.logps import MASK_ATTENTION, attention_implementation
 from ..core.losses import LOSSES
 from ..data.fingerprint import data_fingerprint
 from ..data.order import pair_widths
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..memory.allocator import keep_freed_memory
 from ..methods import Data, Method, method_class
 from ..methods.judges import check_judge_spec
@@ -115,12 +115,19 @@ def round_steps(recipe: Recipe, sizes: list[int], pairs_per_step: int) -> list[i
     return [t.max_steps or max(1, math.ceil(t.epochs * n / pairs_per_step)) for n in sizes]
 
 
-def check_before_loading(recipe: Recipe, run: RunDir, world: int) -> Optional[Path]:
+def check_before_loading(recipe: Recipe, run: RunDir, world: int, main: bool = True) -> Optional[Path]:
     """What can be refused before anything loads: the run directory (fresh, or a run to resume with the same
     recipe and global batch), the scorer, the start adapter, the judge. Returns the checkpoint to resume from."""
     resume_from = None
+    run.check_writable()
+    if run.path.is_dir() and main:
+        run.hold()  # a run training there now: refused before anything loads
     if recipe.resume:
         resume_from = find_resume_checkpoint(run, recipe.resume)
+        if resume_from is None and run.finished() and not recipe.overwrite:
+            raise ConfigError(f"resume: {run.path} holds a finished run and no complete checkpoint to continue from, "
+                              "so there is nothing to resume; start it again with overwrite=true (which replaces "
+                              "its adapter), or choose another output_dir")
         if resume_from is None:
             log(f"notice: no complete checkpoint in {run.checkpoints}; starting from scratch")
     if resume_from is None:
@@ -182,8 +189,11 @@ def record_or_restore(recipe: Recipe, run: RunDir, accelerator: Accelerator, pol
     sharded from the restored weights); a fresh run writes its record. Every process has checked the run
     directory before the main one writes to it."""
     world, sharded = accelerator.num_processes, is_sharded(accelerator)
+    if accelerator.is_main_process:
+        run.hold()  # before anything in it is read or replaced: a second run into it is refused (RunDir.hold)
     accelerator.wait_for_everyone()
     if resume_from is not None:
+        _check_same_data(recipe, run, data)
         load_adapter_weights(policy, resume_from / ADAPTER_DIR, POLICY, holds=f"the adapter of {resume_from}")
         state = load_checkpoint(resume_from, None if sharded else optimizer, scheduler, accelerator.scaler,
                                 accelerator.process_index, world)
@@ -207,13 +217,25 @@ def record_or_restore(recipe: Recipe, run: RunDir, accelerator: Accelerator, pol
     return state
 
 
+def _check_same_data(recipe: Recipe, run: RunDir, data: Data) -> None:
+    """A resumed run trains on the rows the run started with: its data's fingerprints must be run_info.json's."""
+    saved = ((run.read_json(run.run_info) or {}) if run.run_info.is_file() else {}).get("data") or {}
+    name = recipe.model.name
+    for split, rows, source in (("train", data.train, recipe.data.train), ("eval", data.eval, recipe.data.eval or
+                                                                          recipe.data.train)):
+        if saved.get(split) and data_fingerprint(rows, name) != saved[split]:
+            raise DataError(f"resume: the {split} data ({source}) is not what {run.path} trained on (its rows, or how "
+                            "they are tokenised, changed since); a resumed run must train on the same rows: restore "
+                            "the data, or start a new output_dir")
+
+
 def setup(recipe: Recipe) -> Setup:
     """Phase 1 of a run: checks, data, device, model, schedule, and the state to start from."""
     t, run = recipe.train, RunDir(recipe.output_dir)
     procs = PartialState(cpu=wants_cpu())  # one process, or one of several under `accelerate launch`
     if procs.device.type == "cpu":
         keep_freed_memory()  # memory/allocator.py: 10-15% faster steps on the CPU
-    resume_from = check_before_loading(recipe, run, procs.num_processes)
+    resume_from = check_before_loading(recipe, run, procs.num_processes, procs.is_main_process)
     set_seed(t.seed)
 
     # Data, checked before any model loads. One process per machine fills the caches (the toy world, datasets)

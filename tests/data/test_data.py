@@ -297,8 +297,8 @@ def test_unknown_columns_error_names_the_columns_found_and_expected(tmp_path):
         ),
         (
             "sharegpt",
-            {"conversations": [{"from": "observation", "value": "x"}], "chosen": "a", "rejected": "b"},
-            "conversations message 1 has an unsupported role 'observation'",
+            {"conversations": [{"from": "function_call", "value": "x"}], "chosen": "a", "rejected": "b"},
+            "conversations message 1 has an unsupported role 'function_call'",
         ),
     ],
 )

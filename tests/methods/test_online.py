@@ -2,6 +2,7 @@
 
 import math
 import random
+import sys
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from lora_dpo.data.tokenize import encode_completion, encode_prompt
 from lora_dpo.errors import ConfigError
 from lora_dpo.model.adapters import load_policy
 from lora_dpo.model.load import load_tokenizer
-from lora_dpo.methods.judges import check_judge_spec, load_judge
+from lora_dpo.methods.judges import CallableJudge, check_judge_spec, load_judge
 from lora_dpo.methods.online import Sample, build_pairs, online_pairs, prompt_ids, sample_completions
 from lora_dpo.toy import UNGRAMMATICAL_SCORE, is_grammatical, sample_prompt, sentiment_score, toy_model_path
 from tiny import chatml_tokenizer
@@ -102,6 +103,8 @@ def test_toy_judge_ranks_by_the_known_truth_and_puts_broken_text_last():
 def test_callable_judge_gets_each_prompt_and_its_completions_and_its_scores_pick_the_pair():
     CALLS.clear()
     judge = load_judge("test_online:shortest_wins")
+    assert len(CALLS) == 1  # tried once on a sample when it loads: a wrong signature fails before any model loads
+    CALLS.clear()
     prompts = ["a", [{"role": "user", "content": "b"}]]
     completions = [["xx", "x", "xxx"], ["yyyy", "yy"]]
     assert judge(prompts, completions) == [[-2.0, -1.0, -3.0], [-4.0, -2.0]]
@@ -138,7 +141,10 @@ def test_check_judge_spec_fails_fast_without_loading_a_model():
     [("one_score_short", "[1.0]"), ("returns_text", "'good'"), ("returns_nan", "nan"), ("returns_none", "None")],
 )
 def test_a_judge_that_returns_the_wrong_thing_is_named_with_what_it_returned(fn, shown):
-    judge = load_judge(f"test_online:{fn}")
+    with pytest.raises(ConfigError, match=r"^online\.judge: test_online:" + fn) as err:
+        load_judge(f"test_online:{fn}")  # tried on a sample as it loads, before any model does
+    assert shown in str(err.value)
+    judge = CallableJudge(getattr(sys.modules["test_online"], fn), f"test_online:{fn}")  # and checked at every call
     with pytest.raises(ConfigError, match=r"^online\.judge: test_online:" + fn) as err:
         judge(["p"], [["a", "b"]])
     assert shown in str(err.value)
