@@ -3,6 +3,7 @@ tuned pane the base with the adapter on, both sampled from one seed; each answer
 beta * (log pi_adapter - log pi_base) of that answer, checked against plain transformers + peft."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from transformers import AutoTokenizer
 
 from lora_dpo.cli import main
 from lora_dpo.compare import Comparer, Sampling, read_prompts
+from lora_dpo.compare.comparer import Adapter, Row, format_rows
 from lora_dpo.config import ModelConfig
 from lora_dpo.data.tokenize import encode_reply
 from lora_dpo.errors import UserError
@@ -138,3 +140,11 @@ def test_prompts_file_formats_and_bad_rows(tmp_path):
     bad.write_text(json.dumps({"prompt": "a"}) + "\n" + json.dumps({"text": "b"}) + "\n")
     with pytest.raises(UserError, match=r"bad.jsonl: row 1 has no 'prompt'"):
         read_prompts(bad)
+
+
+def test_a_multiline_answer_stays_in_its_column():
+    comparer = SimpleNamespace(base="base", adapters=[Adapter("tuned", "a", None, 0.1)], panes=["reference", "tuned"])
+    row = Row("Steps?", {"reference": "one\n\n1. two", "tuned": "three"}, {"reference": -0.25, "tuned": 1.5}, "tuned")
+    lines = format_rows([row], comparer).splitlines()
+    start = lines.index("[1] Steps?")
+    assert lines[start + 1 :] == ["  reference    -0.250  one", "", " " * 23 + "1. two", "  tuned        +1.500  three"]

@@ -160,5 +160,8 @@ def format_rows(rows: list[Row], comparer: Comparer) -> str:
     width = max(len(p) for p in comparer.panes)
     for i, row in enumerate(rows, 1):
         lines += ["", f"[{i}] {row.prompt}"]
-        lines += [f"  {pane:<{width}}  {row.rewards[pane]:+8.3f}  {row.answers[pane]}" for pane in comparer.panes]
+        for pane in comparer.panes:  # an answer's later lines stay in its column, under its first
+            first, *rest = row.answers[pane].splitlines() or [""]
+            lines.append(f"  {pane:<{width}}  {row.rewards[pane]:+8.3f}  {first}")
+            lines += [" " * (width + 14) + line if line.strip() else "" for line in rest]
     return "\n".join(lines)
