@@ -75,29 +75,10 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        # YAML reads 1e-4 as a string (it wants 1.0e-4); accept the form everyone types
-        if isinstance(value, str):
-            try:
-                value = float(value) if any(c in value for c in ".eE") and not value.isalpha() else value
-            except ValueError:
-                pass
+        # (YAML 1.1 reads 1e-4 as a string: the field it goes to types it, recipe.coerce, so a string key keeps what
+        # was written)
         out.append((key.strip(), value))
     return out
-
-
-def _fix_yaml_floats(node: Any) -> Any:
-    """YAML 1.1 reads `5e-5` as a string; recipes write learning rates that way, so read them as numbers."""
-    if isinstance(node, dict):
-        return {k: _fix_yaml_floats(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_fix_yaml_floats(v) for v in node]
-    if isinstance(node, str):
-        try:
-            if any(c in node for c in "eE") and node.strip()[:1] in "0123456789.-+":
-                return float(node)
-        except ValueError:
-            pass
-    return node
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -124,7 +105,8 @@ def _with_base(tree: dict, path: Path, seen: tuple = ()) -> dict:
 
 
 def read_yaml(path: Path) -> dict:
-    """A recipe file's top-level mapping, floats written as 5e-5 read as numbers; ConfigError naming the file."""
+    """A recipe file's top-level mapping as YAML reads it (values are typed by the key they go to: recipe.coerce);
+    ConfigError naming the file."""
     check_utf8(path, f"recipe {path}", ConfigError)
     try:
         loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -132,7 +114,7 @@ def read_yaml(path: Path) -> dict:
         raise ConfigError(f"recipe {path}: not valid YAML: {exc}") from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"recipe {path}: expected a mapping of keys at the top level")
-    return _fix_yaml_floats(loaded)
+    return loaded
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] = (), base: dict | None = None) -> Recipe:

@@ -38,6 +38,7 @@ def knob(default: Any, must: str | None = None, *, choices: Callable[[], tuple[s
 
 
 _COMPARE = {">": operator.gt, ">=": operator.ge}
+_NUMBER = re.compile(r"[-+]?(\d[\d_]*\.?\d*|\.\d+)([eE][-+]?\d+)?")  # a number as people write one
 _NOTE = re.compile(r"\s+\([a-z].*\)$")  # '> 0 (why)': the explanation after the range
 _INTERVAL = re.compile(r"in ([\[(])\s*([-\d.e]+),\s*([-\d.e]+)\s*([\])])")
 
@@ -132,6 +133,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):  # 5e-5: YAML 1.1 reads it as a string
+            value = float(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):  # .inf / .nan: a learning rate or beta of inf trains an adapter of NaNs
                 raise ConfigError(f"{key}: must be a finite number, got {value!r}")

@@ -128,3 +128,17 @@ def test_overrides_leave_the_base_tree_they_start_from_untouched():
     assert (first.train.shared_prompt, first.train.batch_size) == (False, 8)
     assert (second.train.shared_prompt, second.train.batch_size) == ("auto", 2)
     assert base["train"] == {"batch_size": 2}
+
+
+def test_a_string_key_keeps_what_was_written_and_a_number_key_reads_5e_5(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("output_dir: runs/x\nmodel:\n  name: toy\n  revision: 8e01234\ndata:\n  train: toy\n"
+                    "  system_prompt: 1e3\ntrain:\n  lr: 5e-5\n")
+    recipe = load_recipe(path)
+    assert recipe.model.revision == "8e01234"  # a pinned short commit, not inf
+    assert recipe.data.system_prompt == "1e3" and recipe.train.lr == 5e-5
+    over = load_recipe(path, ["model.revision=1e5", "data.system_prompt=2E3", "train.lr=1e-4", "loss.beta=.5"])
+    assert (over.model.revision, over.data.system_prompt) == ("1e5", "2E3")
+    assert (over.train.lr, over.loss.beta) == (1e-4, 0.5)
+    with pytest.raises(ConfigError, match="train.lr: expected a number, got '1e-4x'"):
+        load_recipe(path, ["train.lr=1e-4x"])
