@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError, check_utf8
+from .names import FOREIGN_NAMES
 from ..paths import shipped_recipe, shipped_recipes
 from .recipe import ModelConfig, Recipe
 
@@ -31,6 +32,32 @@ def resolve_recipe(path: str | Path) -> Path:
                       "lists them)")
 
 
+def recipe_keys(cls: type = Recipe, prefix: str = "") -> list[str]:
+    """Every dotted key of a recipe, sections included ('lora', 'lora.r', ...)."""
+    hints, out = typing.get_type_hints(cls), []
+    for f in dataclasses.fields(cls):
+        out.append(prefix + f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += recipe_keys(hints[f.name], f"{prefix}{f.name}.")
+    return out
+
+
+def _hint(key: str, prefix: str, fields: list[str]) -> str:
+    """What an unknown key is here: the recipe key a TRL, LLaMA-Factory or torchtune name stands for; else the key
+    of that name in another section; else the nearest key of this section, or of any."""
+    if key in FOREIGN_NAMES:
+        target, source = FOREIGN_NAMES[key]
+        return f"; {key} ({source}) is {target} here"
+    everywhere = recipe_keys()
+    elsewhere = [k for k in everywhere if k.rsplit(".", 1)[-1] == key and k != prefix + key]
+    if elsewhere:
+        return f"; it is {' or '.join(elsewhere)}"
+    # the nearest name in any section (this section's first when as near)
+    score = lambda k: (difflib.SequenceMatcher(None, key, k.rsplit(".", 1)[-1]).ratio(), k.startswith(prefix))
+    best = max(everywhere, key=score)
+    return f"; did you mean '{best}'?" if score(best)[0] >= 0.6 else f"; valid keys: {', '.join(fields)}"
+
+
 def _build(cls: type, values: Any, prefix: str) -> Any:
     """`cls` from a YAML mapping: unknown keys refused with the nearest valid key, sections built recursively;
     the dataclass checks every value as it is built."""
@@ -42,9 +69,7 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
     for key, value in values.items():
         dotted = f"{prefix}{key}"
         if key not in fields:
-            near = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
-            hint = f"; did you mean '{prefix}{near[0]}'?" if near else f"; valid keys: {', '.join(fields)}"
-            raise ConfigError(f"unknown key '{dotted}'{hint}")
+            raise ConfigError(f"unknown key '{dotted}'{_hint(str(key), prefix, list(fields))}")
         tp = hints[key]
         kwargs[key] = _build(tp, value if value is not None else {}, f"{dotted}.") if dataclasses.is_dataclass(tp) else value
     for key in fields:  # sections the recipe leaves out are still checked (required keys)

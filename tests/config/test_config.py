@@ -142,3 +142,30 @@ def test_a_string_key_keeps_what_was_written_and_a_number_key_reads_5e_5(tmp_pat
     assert (over.train.lr, over.loss.beta) == (1e-4, 0.5)
     with pytest.raises(ConfigError, match="train.lr: expected a number, got '1e-4x'"):
         load_recipe(path, ["train.lr=1e-4x"])
+
+
+@pytest.mark.parametrize("override, said", [
+    ("train.eval_steps=5", "unknown key 'train.eval_steps'; eval_steps (TRL) is train.eval_every here"),
+    ("train.save_steps=5", "save_steps (TRL) is train.save_every here"),
+    ("train.learning_rate=1e-4", "learning_rate (TRL) is train.lr here"),
+    ("gradient_accumulation_steps=4", "gradient_accumulation_steps (TRL, LLaMA-Factory, torchtune) is train.grad_accum"),
+    ("train.save_total_limit=2", "save_total_limit (TRL) is train.keep_last here"),
+    ("lora.lora_rank=8", "lora_rank (LLaMA-Factory, torchtune) is lora.r here"),
+    ("max_steps=5", "unknown key 'max_steps'; it is train.max_steps"),
+    ("data.beta=0.2", "it is loss.beta"),
+    ("train.max_lenght=64", "did you mean 'data.max_length'?"),  # the nearest key of any section
+    ("train.epoch=2", "did you mean 'train.epochs'?"),
+])
+def test_names_users_bring_are_answered_with_the_recipe_key(override, said):
+    with pytest.raises(ConfigError) as err:
+        load_recipe(None, ["output_dir=runs/x", "model.name=toy", "data.train=toy", override])
+    assert said in str(err.value)
+
+
+def test_every_foreign_name_points_at_a_recipe_key():
+    from lora_dpo.config.load import recipe_keys
+    from lora_dpo.config.names import FOREIGN_NAMES
+
+    keys = set(recipe_keys())
+    assert all(target in keys for target, _ in FOREIGN_NAMES.values())
+    assert not keys & {f"train.{n}" for n in FOREIGN_NAMES} - {"train.seed", "train.epochs", "train.lr"}
