@@ -23,7 +23,7 @@ from ..errors import ConfigError
 
 REQUIRED = "???"  # marks a key that has no default: the recipe or the command line must set it
 # keys that name a model, a file, a dataset, a revision or code: an empty string names nothing (null unsets them)
-NAMES = {"output_dir", "model.name", "model.revision", "model.gguf_file", "model.adapter", "data.train", "data.eval",
+NAMES = {"output_dir", "train.project", "train.run_name", "model.name", "model.revision", "model.gguf_file", "model.adapter", "data.train", "data.eval",
          "data.rounds", "eval.scorer", "online.judge"}
 
 
@@ -233,7 +233,9 @@ class TrainConfig(Section, section="train"):
     save_every: Optional[int] = knob(100, '>= 1')  # optimizer steps between checkpoints (and one at the end); None: only at the end
     keep_last: Optional[int] = knob(2, '>= 1')  # checkpoints kept on disk, newest first; None keeps all
     max_nonfinite_steps: int = knob(3, '>= 1')  # consecutive steps with a NaN/inf loss or gradient (each skipped) that stop the run
-    report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)  # trackers via accelerate, off by default
+    report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab"]] = field(default_factory=list)  # trackers via accelerate (each needs its package), off by default; metrics.jsonl is always written
+    project: Optional[str] = None  # the trackers' project; None: the first of WANDB_PROJECT, MLFLOW_EXPERIMENT_NAME, COMET_PROJECT_NAME, TRACKIO_PROJECT that is set, else lora-dpo
+    run_name: Optional[str] = None  # the run's name in the trackers; None: the run directory's name
     rounds: int = knob(1, '>= 1')  # iterative DPO: after each round of `epochs` (or max_steps) the policy becomes the frozen reference
 
     def pairs_per_step(self, processes: int = 1) -> int:

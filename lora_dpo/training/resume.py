@@ -15,7 +15,7 @@ from ..run.rundir import STATE_FILE
 # The split of the global batch into batch_size x grad_accum x processes may change too: it is checked on its own.
 # output_dir: a run folder moved elsewhere resumes where it now is
 RESUMABLE_CHANGES = {"output_dir", "resume", "overwrite", "train.epochs", "train.max_steps", "train.eval_every", "train.save_every",
-                     "train.keep_last", "train.log_every", "train.report_to", "train.batch_size", "train.grad_accum",
+                     "train.keep_last", "train.log_every", "train.report_to", "train.project", "train.run_name", "train.batch_size", "train.grad_accum",
                      "train.reference_cache", "train.activation_offload", "train.embeddings_on_cpu",
                      "train.mlp_chunks", "model.gradient_checkpointing"}
 

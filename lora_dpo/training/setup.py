@@ -37,6 +37,7 @@ from ..run.checkpoint import TrainerState, find_resume_checkpoint, load_checkpoi
 from ..run.rundir import ADAPTER_DIR, RunDir, run_info
 from .distributed import configure_deepspeed, is_sharded, log, wants_cpu
 from .resume import check_same_global_batch, check_same_recipe
+from .trackers import check_trackers, init_kwargs, project_name
 
 
 @dataclass
@@ -135,6 +136,7 @@ def check_before_loading(recipe: Recipe, run: RunDir, world: int, main: bool = T
     else:
         check_same_recipe(recipe, run.config)
         check_same_global_batch(resume_from, recipe.train, world)
+    check_trackers(recipe)  # a tracker that is not installed: before anything loads
     if recipe.eval.scorer:
         load_scorer(recipe.eval.scorer)  # a bad scorer is a recipe error, reported before the model loads
     if recipe.model.adapter:
@@ -278,7 +280,8 @@ def setup(recipe: Recipe) -> Setup:
     policy = policy_of(model)
     _place(recipe, run, accelerator, policy, method, rounds[round_idx])
     if t.report_to:
-        accelerator.init_trackers("lora-dpo", config=flat(to_dict(recipe)))
+        accelerator.init_trackers(project_name(recipe), config=flat(to_dict(recipe)),
+                                  init_kwargs=init_kwargs(recipe, run.path.name))
     return Setup(recipe, run, accelerator, tokenizer, method, data, rounds, ends, policy, model, params, optimizer,
                  scheduler, state, resume_from, round_idx, reference_adapter)
 

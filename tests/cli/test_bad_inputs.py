@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 
 from lora_dpo.cli.main import main
+from lora_dpo.config import load_recipe
 from lora_dpo.errors import UserError, check_utf8
 from lora_dpo.training import loop
+from lora_dpo.training.trackers import init_kwargs, project_name
 
 PAIR = {"prompt": "q", "chosen": "good answer", "rejected": "bad"}
 
@@ -310,3 +312,34 @@ def test_a_full_disk_stops_the_run_with_one_message_and_keeps_its_checkpoints(wo
     assert not (run / "adapter").exists()  # never a result that was not finished
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert rows and all("step" in r for r in rows)  # metrics not torn
+
+
+def test_a_tracker_that_is_not_installed_exits_2_before_the_model_loads(world, capsys, monkeypatch):
+    tmp, recipe = world
+    monkeypatch.setattr("accelerate.utils.imports.is_swanlab_available", lambda: False)
+    assert main(["train", str(recipe), "train.report_to=[tensorboard,swanlab]"]) == 2
+    err = capsys.readouterr().err
+    assert "train.report_to: swanlab is not installed; pip install swanlab" in err and "Traceback" not in err
+    assert not (tmp / "run").exists()
+
+
+def test_a_tracker_run_writes_under_the_users_project_name(world, monkeypatch):
+    tmp, recipe = world
+    monkeypatch.setenv("WANDB_PROJECT", "not-this-one")  # the key wins over a tracker's environment variable
+    assert main(["train", str(recipe), "train.report_to=[tensorboard]", "train.project=my-project"]) == 0
+    assert list((tmp / "run" / "my-project").rglob("events.out.tfevents.*"))
+
+
+def test_the_project_comes_from_the_key_then_the_trackers_variable_and_the_run_is_named():
+    base = ["output_dir=runs/r1", "model.name=toy", "data.train=toy", "train.report_to=[tensorboard,wandb,mlflow]"]
+    env = {"WANDB_PROJECT": "from-wandb", "MLFLOW_EXPERIMENT_NAME": "from-mlflow"}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        assert project_name(load_recipe(None, base)) == "from-wandb"
+        assert project_name(load_recipe(None, [*base, "train.project=mine"])) == "mine"
+        for k in env:
+            mp.delenv(k)
+        assert project_name(load_recipe(None, base)) == "lora-dpo"
+    assert init_kwargs(load_recipe(None, base), "r1") == {"wandb": {"name": "r1"}, "mlflow": {"run_name": "r1"}}
+    assert init_kwargs(load_recipe(None, [*base, "train.run_name=first"]), "r1")["wandb"] == {"name": "first"}
