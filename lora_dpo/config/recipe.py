@@ -172,7 +172,7 @@ class LoraConfig(Section, section="lora"):
 
 @dataclass(frozen=True)
 class DataConfig(Section, section="data"):
-    train: str = REQUIRED  # Hub dataset id, or a local .json/.jsonl/.csv/.parquet file; `toy` for the toy world
+    train: str = REQUIRED  # Hub dataset id, a local .json/.jsonl/.csv/.parquet file, a folder of them or a save_to_disk folder; `toy` for the toy world
     train_split: str = "train"  # split of `train` to read
     eval: Optional[str] = None  # held-out data: a split name of `train`, or a dataset id or file; None: eval_fraction of train
     eval_fraction: float = knob(0.05, 'in [0, 1)')  # share of train held out for evaluation when `eval` is not set (0 disables eval)

@@ -48,11 +48,22 @@ def _load_local(source: str, *args, **kwargs) -> "datasets.DatasetDict":
         raise DataError(f"{source}: could not be read: {first_line(exc)}") from None
 
 
+def _from_disk(source: str, path: Path) -> "datasets.DatasetDict":
+    """A folder written by `Dataset.save_to_disk` (one split: `train`) or `DatasetDict.save_to_disk` (its splits)."""
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as exc:  # a folder save_to_disk did not finish, another datasets version's layout
+        raise DataError(f"{source}: a save_to_disk folder that could not be read: {first_line(exc)}") from None
+    return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
+
+
 def _open_local(source: str) -> "datasets.DatasetDict | None":
     """Every split of a named source, a local file (split `train`) or folder; None for a Hub id."""
     if (files := names.lookup("data", source)) is not None:  # {split: local json file}
         return _load_local(source, "json", data_files=files())
     path = Path(source).expanduser()
+    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+        return _from_disk(source, path)
     if path.is_dir():
         return _load_local(source, str(path))
     if path.is_file():

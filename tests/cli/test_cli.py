@@ -84,3 +84,13 @@ def test_the_app_command_without_gradio_names_the_extra_to_install(monkeypatch, 
     monkeypatch.setitem(sys.modules, "gradio", None)  # as if it were not installed
     assert main(["app"]) == 2
     assert "pip install 'lora-dpo[app]'" in capsys.readouterr().err
+
+
+def test_a_save_to_disk_folder_trains(recipe, tmp_path):
+    import datasets
+
+    rows = [{"prompt": f"q{i}", "chosen": "good answer", "rejected": "bad"} for i in range(6)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    result = run_cli("train", recipe, f"data.train={tmp_path / 'saved'}")
+    assert result.returncode == 0, result.stderr
+    assert "6 rows" in result.stderr and (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()

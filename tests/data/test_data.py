@@ -9,6 +9,7 @@ import gzip
 import json
 from pathlib import Path
 
+import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -862,3 +863,14 @@ def test_inspect_data_loads_the_recipe_tokenizer_and_reports(tmp_path, tok_plain
     assert report.to_dict() == build_datasets(data, tok_plain, seed=recipe.train.seed)[2].to_dict()
     assert report.eval_from == f"0.25 of train held out, seed {recipe.train.seed}"
     assert not (tmp_path / "run").exists()  # a report, not a run
+
+
+def test_a_save_to_disk_folder_is_read_with_its_splits(tmp_path):
+    rows = [{"prompt": f"q{i}", "chosen": "good", "rejected": "bad"} for i in range(4)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "one"))
+    assert load_rows(str(tmp_path / "one"), "train")["prompt"] == [r["prompt"] for r in rows]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:3]),
+                          "test": datasets.Dataset.from_list(rows[3:])}).save_to_disk(str(tmp_path / "two"))
+    assert len(load_rows(str(tmp_path / "two"), "train")) == 3 and len(load_rows(str(tmp_path / "two"), "test")) == 1
+    with pytest.raises(DataError, match="no split 'validation'"):
+        load_rows(str(tmp_path / "two"), "validation")
