@@ -9,7 +9,6 @@ checkpoint or a temporary folder that resume ignores.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
@@ -58,12 +57,12 @@ def save_checkpoint(run: RunDir | Path, state: TrainerState, write_adapter: Call
     tmp.mkdir()
     write_adapter(tmp / ADAPTER_DIR)
     if optimizer is not None:
-        _save(optimizer.state_dict(), tmp / "optimizer.pt")
-    _save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     if scaler is not None:
-        _save(scaler.state_dict(), tmp / "scaler.pt")
+        torch.save(scaler.state_dict(), tmp / "scaler.pt")
     rng_states = rng_states or [rng_state()]
-    _save({**rng_states[0], "processes": rng_states}, tmp / "rng.pt")  # top level: process 0's
+    torch.save({**rng_states[0], "processes": rng_states}, tmp / "rng.pt")  # top level: process 0's
     (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
     _fsync_dir(tmp)
     if final.exists():  # a checkpoint of the same step from an earlier attempt: replace it whole
@@ -79,16 +78,6 @@ def save_checkpoint(run: RunDir | Path, state: TrainerState, write_adapter: Call
 def complete_checkpoints(run: RunDir | Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
     return RunDir.of(run).complete_checkpoints()
-
-
-def _save(obj, file: Path) -> None:
-    """torch.save, with a full disk reported as the OSError it is (torch's writer raises a RuntimeError)."""
-    try:
-        torch.save(obj, file)
-    except RuntimeError as exc:
-        if shutil.disk_usage(file.parent).free >= 1 << 20:
-            raise
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file)) from exc
 
 
 def checkpoint_problem(path: Path) -> str | None:

@@ -164,6 +164,11 @@ class RunDir:
             elif path.exists():
                 path.unlink()
 
+    @staticmethod
+    def step_of(checkpoint: Path) -> int:
+        """The step a checkpoints/step-N folder was written at."""
+        return int(_STEP_DIR.match(checkpoint.name).group(1))
+
     def complete_checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
         if not self.checkpoints.is_dir():

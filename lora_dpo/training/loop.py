@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import errno
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +28,7 @@ import torch
 from accelerate.utils import gather_object
 
 from ..config import Recipe
-from ..errors import UserError
+from ..errors import UserError, first_line
 from ..core.stats import Stats, home
 from ..data.order import PairStream, shards, step_micro_batches, training_stream
 from ..memory.track import peak_memory_gb
@@ -60,16 +62,32 @@ def train(recipe: Recipe) -> dict:
         session.refuse_non_finite(final)
         session.write_result(final)
         return final
-    except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+    except Exception as exc:
+        if (why := _write_failure(exc, RunDir(recipe.output_dir))) is None:
             raise
-        run = RunDir(recipe.output_dir)
-        done = run.complete_checkpoints() if run.checkpoints.is_dir() else []
-        raise UserError(f"output_dir: cannot write in {run.path}{f' ({exc.filename})' if exc.filename else ''}: "
-                        f"{exc.strerror}. Free space there (or make it writable), then continue with resume=true"
-                        + (f" from the last complete checkpoint, {done[-1]}" if done else "")) from None
+        raise why from None
     finally:
         RunDir(recipe.output_dir).release()  # the run directory's lock (RunDir.hold), however the run ended
+
+
+def _write_failure(exc: Exception, run: RunDir) -> UserError | None:
+    """The run's folder could not be written (a full disk or quota, a read-only file system) as one message naming
+    it and the checkpoint to resume from; None for any other error. torch.save and safetensors report a full disk
+    in their own exception types, so a disk with almost no space left counts too."""
+    errors = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+    if isinstance(exc, OSError) and exc.errno in errors:
+        why = exc.strerror + (f" ({exc.filename})" if exc.filename else "")
+    else:
+        try:
+            full = shutil.disk_usage(run.path).free < 1 << 20
+        except OSError:
+            full = False
+        if not full:
+            return None
+        why = f"{os.strerror(errno.ENOSPC)} ({first_line(exc)})"
+    done = run.complete_checkpoints() if run.checkpoints.is_dir() else []
+    return UserError(f"output_dir: cannot write in {run.path}: {why}. Free space there (or make it writable), then "
+                     "continue with resume=true" + (f" from the last complete checkpoint, {done[-1]}" if done else ""))
 
 
 @dataclass
@@ -313,7 +331,7 @@ class Session:
         rows = read_metrics(s.run.metrics) if s.run.metrics.is_file() else []
         broke = next((r["step"] for r in rows if r.get("split") == "train" and not all(
             math.isfinite(v) for v in _numeric(r).values())), s.state.step + 1)
-        good = [c for c in s.run.complete_checkpoints() if int(c.name.split("-")[1]) < broke]
+        good = [c for c in s.run.complete_checkpoints() if s.run.step_of(c) < broke]
         where = (f"the newest checkpoint before the metrics went non-finite (step {broke}) is {good[-1]}: resume "
                  f"from it with resume={good[-1]} and a lower train.lr") if good else \
             "no checkpoint was saved before the metrics went non-finite; start again with a lower train.lr"
