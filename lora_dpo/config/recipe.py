@@ -24,7 +24,11 @@ from ..errors import ConfigError
 REQUIRED = "???"  # marks a key that has no default: the recipe or the command line must set it
 # keys that name a model, a file, a dataset, a revision or code: an empty string names nothing (null unsets them)
 NAMES = {"output_dir", "train.project", "train.run_name", "model.name", "model.revision", "model.gguf_file", "model.adapter", "data.train", "data.eval",
-         "data.rounds", "eval.scorer", "online.judge"}
+         "data.rounds", "data.subset", "data.revision", "data.data_dir", "data.data_files", "data.columns",
+         "eval.scorer", "online.judge"}
+# the columns lora-dpo reads (data/formats.py, data/examples.py): data.columns maps a dataset's own names onto these
+DATA_COLUMNS = ("prompt", "chosen", "rejected", "system", "conversations", "messages", "completion", "label",
+                "instruction", "input", "output", "tools", "chat_template_kwargs")
 
 
 def knob(default: Any, must: str | None = None, *, choices: Callable[[], tuple[str, ...]] | None = None):
@@ -82,13 +86,17 @@ class Section:
             key, value = self._prefix + f.name, getattr(self, f.name)
             if value == REQUIRED:
                 raise ConfigError(f"missing required key '{key}'")
-            if key in NAMES and any(isinstance(v, str) and not v.strip() for v in (value if isinstance(value, list)
-                                                                                        else [value])):
+            if key in NAMES and any(isinstance(v, str) and not v.strip() for v in _strings(value)):
                 raise ConfigError(f"{key}: cannot be empty" + ("" if key in ("output_dir", "model.name", "data.train")
                                                                  else " (null unsets it)"))
             must = f.metadata.get("must")
             if must and not _within(value, must):
                 raise ConfigError(f"{key}: must be {must}, got {value!r}")
+
+
+def _strings(value: Any) -> list:
+    """The values of a key: a list's items, a mapping's values, else the value itself."""
+    return list(value.values()) if isinstance(value, dict) else value if isinstance(value, list) else [value]
 
 
 def type_name(tp: Any) -> str:
@@ -99,6 +107,9 @@ def type_name(tp: Any) -> str:
         return " or ".join("null" if a is type(None) else type_name(a) for a in typing.get_args(tp))
     if origin is list:
         return f"a list of {type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        key, value = typing.get_args(tp)
+        return f"a mapping of {type_name(key)} to {type_name(value)}"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
 
@@ -126,6 +137,10 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     elif origin is list:
         if isinstance(value, list):
             return [coerce(v, typing.get_args(tp)[0], key) for v in value]
+    elif origin is dict:
+        if isinstance(value, dict):
+            kt, vt = typing.get_args(tp)
+            return {coerce(k, kt, key): coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
     elif tp is bool:
         if isinstance(value, bool):
             return value
@@ -174,6 +189,11 @@ class LoraConfig(Section, section="lora"):
 class DataConfig(Section, section="data"):
     train: str = REQUIRED  # Hub dataset id, a local .json/.jsonl/.csv/.parquet file, a folder of them or a save_to_disk folder; `toy` for the toy world
     train_split: str = "train"  # split of `train` to read
+    subset: Optional[str] = None  # the dataset's configuration (subset) name, as datasets.load_dataset's `name`: a Hub dataset's, or one a local folder's README.md declares
+    revision: Optional[str] = None  # Hub branch, tag or commit of `train` (a Hub dataset)
+    data_dir: Optional[str] = None  # read only this folder of `train` (a Hub dataset or a local folder)
+    data_files: Union[str, list[str], None] = None  # read only these files (glob patterns allowed) of `train` (a Hub dataset or a local folder)
+    columns: dict[str, str] = field(default_factory=dict)  # the dataset's names for the columns lora-dpo reads, e.g. {prompt: question, chosen: chosen_response, rejected: rejected_response}; applies to train, eval and rounds
     eval: Optional[str] = None  # held-out data: a split name of `train`, or a dataset id or file; None: eval_fraction of train
     eval_fraction: float = knob(0.05, 'in [0, 1)')  # share of train held out for evaluation when `eval` is not set (0 disables eval)
     max_length: int = knob(1024, '>= 2')  # tokens, prompt + one completion
@@ -183,6 +203,17 @@ class DataConfig(Section, section="data"):
     system_prompt: Optional[str] = None  # prepended as a system message to prompts that have none
     max_rows: Optional[int] = knob(None, '>= 1')  # read at most this many training rows (for quick trials)
     rounds: list[str] = field(default_factory=list)  # iterative DPO: fresh training data for rounds 2, 3, ... (train.rounds - 1 sources); empty: `train` every round
+
+    def __post_init__(self):
+        super().__post_init__()
+        for ours in self.columns:
+            if ours not in DATA_COLUMNS:
+                raise ConfigError(f"data.columns.{ours}: not a column lora-dpo reads; map the dataset's columns onto "
+                                  f"{', '.join(DATA_COLUMNS)} (for example data.columns.prompt=question)")
+        theirs = list(self.columns.values())
+        if twice := sorted({c for c in theirs if theirs.count(c) > 1}):
+            raise ConfigError(f"data.columns: the column '{twice[0]}' is mapped onto "
+                              f"{' and '.join(k for k, v in self.columns.items() if v == twice[0])}; give each its own")
 
     @property
     def prompt_budget(self) -> int:

@@ -28,6 +28,7 @@ from ..errors import DataError
 from .encoded import encode_rows, ids, records, tokenizer_digest
 from .formats import (
     RowError, detect_format, malformed_rows, normalise_row, parse_messages, parse_prompt, parse_reply, row_kwargs,
+    row_system, with_system,
 )
 from .pairs import hold_out, new_report
 from .report import DataReport
@@ -116,10 +117,8 @@ def normalise_single(record: dict, fmt: str, labelled: bool, system_prompt: str 
     if not completion.strip():
         raise RowError("completion is empty")
     desirable = _label(record.get("label")) if labelled or "label" in record else True
-    if system_prompt and not (isinstance(prompt, list) and any(m["role"] == "system" for m in prompt)):
-        user = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        prompt = [{"role": "system", "content": system_prompt}] + user
-    return [{"prompt": prompt, "completion": completion, "desirable": desirable}]
+    return [{"prompt": with_system(prompt, row_system(record, system_prompt)), "completion": completion,
+             "desirable": desirable}]
 
 
 EXAMPLE_COLUMNS = datasets.Features({

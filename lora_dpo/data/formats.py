@@ -1,7 +1,8 @@
 """Preference data formats: recognise one from its columns, and normalise a row of it.
 
 A normalised row is `{"prompt": str | list[message], "chosen": str, "rejected": str}`: the prompt as text or
-as `{"role", "content"}` messages, chosen and rejected as the text of one assistant reply each.
+as `{"role", "content"}` messages, chosen and rejected as the text of one assistant reply each. A `system` column, in any format, is the row's system
+prompt (before data.system_prompt); a dataset's own column names are mapped onto these by data.columns (sources.py).
 
 | format         | columns (extra columns are ignored)                                                  |
 |----------------|---------------------------------------------------------------------------------------|
@@ -131,10 +132,22 @@ def normalise_row(row: dict, fmt: str, system_prompt: str | None = None) -> dict
             raise RowError(f"{name} is empty")
     if chosen == rejected:
         raise RowError("chosen and rejected are identical")
-    if system_prompt and not (isinstance(prompt, list) and _has_system(prompt)):
-        user = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        prompt = [{"role": "system", "content": system_prompt}] + user
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    return {"prompt": with_system(prompt, row_system(row, system_prompt)), "chosen": chosen, "rejected": rejected}
+
+
+def row_system(row: dict, system_prompt: str | None) -> str | None:
+    """The system prompt of a row: its own `system` column (LLaMA-Factory's and Intel/orca's layouts) when that
+    has text, else data.system_prompt."""
+    system = row.get("system")
+    return system if isinstance(system, str) and system.strip() else system_prompt
+
+
+def with_system(prompt, system: str | None):
+    """`prompt` with `system` as its system message, unless it has one (a string prompt becomes [system, user])."""
+    if not system or (isinstance(prompt, list) and _has_system(prompt)):
+        return prompt
+    user = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return [{"role": "system", "content": system}] + user
 
 
 def _has_system(messages: list[dict]) -> bool:

@@ -76,7 +76,9 @@ class Method:
     @classmethod
     def load_train(cls, recipe: Recipe, tokenizer, source: str) -> list:
         """The training examples of another source (a later round's data), tokenised as data.train is."""
-        cfg = dataclasses.replace(recipe.data, train=source, eval=None, eval_fraction=0.0)
+        # data.subset, revision, data_dir and data_files choose within data.train; data.columns holds for every source
+        cfg = dataclasses.replace(recipe.data, train=source, eval=None, eval_fraction=0.0, subset=None, revision=None,
+                                  data_dir=None, data_files=None)
         return cls.build(cfg, tokenizer, recipe.train.seed)[0]
 
     # -- what the loop asks of a method
