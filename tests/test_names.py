@@ -12,7 +12,7 @@ from lora_dpo import names
 FRESH = """
 import sys
 from lora_dpo.data.sources import eval_is_split
-from lora_dpo.export.card import is_hub_id
+from lora_dpo.run.card import is_hub_id
 from lora_dpo.methods.judges import check_judge_spec
 assert "lora_dpo.toy" not in sys.modules
 assert not is_hub_id("toy") and not eval_is_split("toy")  # neither a Hub id nor a split of data.train

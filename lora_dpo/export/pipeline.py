@@ -24,7 +24,7 @@ from ..errors import UserError
 from ..model.load import load_tokenizer_for
 from ..run.rundir import staged_dir
 from ..run.source import Source, resolve_source
-from .card import hub_model_id, is_hub_id, write_card
+from ..run.card import CARD_FILES, hub_model_id, is_hub_id, write_card
 from .hub import check_repo_id, list_files
 from .merge import (
     BLIND, ROUNDING, SizeEstimate, Verification, check_disk, folder_bytes, format_size, log_stderr, merge_and_verify,
@@ -128,8 +128,8 @@ def export(
 def _export_adapter(src: Source, out: Path, base_id, repo: str, log) -> ExportResult:
     check_disk(out, folder_bytes(src.adapter_dir) + sum(p.stat().st_size for p in src.plots) + 2**20)
     with staged_dir(out) as tmp:
-        # peft's own README.md is a blank template: ours replaces it
-        shutil.copytree(src.adapter_dir, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("README.md"))
+        # the card of the run's adapter (or peft's blank template in a checkpoint's) is replaced by the export's
+        shutil.copytree(src.adapter_dir, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*CARD_FILES))
         if not (tmp / "tokenizer_config.json").is_file():  # a checkpoint's adapter: the base's tokenizer
             load_source_tokenizer(src).save_pretrained(str(tmp))
         cfg = json.loads((tmp / "adapter_config.json").read_text())

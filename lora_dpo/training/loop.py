@@ -36,10 +36,12 @@ from ..methods import Data, StepContext
 from ..model.adapters import adapter_fingerprint, save_adapter, snapshot_reference, write_adapter
 from ..model.offload import activation_offload
 from ..progress import progress
+from ..run.card import hub_model_id, write_card
 from ..run.checkpoint import rng_state, save_checkpoint
 from ..run.metrics import DiscardLog, MetricsLog, read_metrics
 from ..run.plots import write_plots
 from ..run.rundir import RunDir, staged_dir
+from ..run.source import resolve_source
 from .distributed import clip_params, gathered_adapter, log, max_over_processes, reduce_stats, reduce_sum
 from .probes import AdaptiveBeta, Sampler, measure_kl
 from .reference import ReferenceTables, reference_tables
@@ -348,6 +350,7 @@ class Session:
                 save_adapter(s.policy, s.tokenizer, tmp, adapter)
             s.run.write_json(s.run.eval, final)
             self.refresh_plots()
+            write_run_card(s.run)
             log(_summary(final, s.run))
         s.accelerator.wait_for_everyone()
         s.accelerator.end_training()  # (this also ends the process group)
@@ -387,6 +390,18 @@ def _postfix(row: dict) -> dict:
 
 def _numeric(row: dict) -> dict:
     return {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+
+
+def write_run_card(run: RunDir) -> None:
+    """The finished run's adapter/README.md: the model card an export writes (recipe, final evaluation against the
+    reference, curves, how to load it), with its plots and recipe beside it, in place of peft's blank template, so
+    the folder can be shared as it is. A card that cannot be written costs a warning, never the run."""
+    try:
+        src = resolve_source(run.path)
+        write_card(run.adapter, src, "adapter", str(run.adapter), hub_model_id(src.base_name), title=run.path.name)
+    except (OSError, ValueError, UserError) as exc:
+        log(f"warning: the adapter's model card could not be written ({first_line(exc)}); `lora-dpo export "
+            f"{run.path} --out DIR` writes one")
 
 
 def _summary(final: dict, run: RunDir) -> str:

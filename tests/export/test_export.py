@@ -286,6 +286,26 @@ def test_model_card_parses_with_metadata_eval_metrics_and_plot(trained_run, tiny
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-org/tiny-llama"
 
 
+def test_a_finished_runs_adapter_folder_has_the_real_card_with_the_runs_metrics(trained_run):
+    """adapter/README.md is the card an export writes, not peft's template: the run's final evaluation against
+    the reference, its recipe and curves beside it, so the folder can be shared (uploaded) as it is."""
+    adapter = trained_run / "adapter"
+    card = ModelCard.load(adapter / "README.md")
+    assert card.data.library_name == "peft" and "lora-dpo" in card.data.tags and "qlora" in card.data.tags
+    assert "\n# run\n" in card.text  # headed by the run directory's name
+    assert "More information needed" not in card.text  # peft's blank template's filler
+    final = json.loads((trained_run / "eval.json").read_text())
+    for key in ("rewards/accuracies", "rewards/margins", "loss"):
+        assert f"| `{key}` | " in card.text and f"{final[key]:.4g}" in card.text
+    assert (adapter / "lora_dpo_recipe.yaml").read_bytes() == (trained_run / "config.yaml").read_bytes()
+    for png in (trained_run / "plots").glob("*.png"):
+        assert (adapter / "plots" / png.name).read_bytes() == png.read_bytes()
+    assert f'PeftModel.from_pretrained(base, "{adapter}")' in card.text
+    # a checkpoint's adapter keeps peft's own files: its metrics are not final
+    checkpoint = sorted((trained_run / "checkpoints").glob("step-*"))[-1] / "adapter"
+    assert not (checkpoint / "lora_dpo_recipe.yaml").exists()
+
+
 def test_local_base_without_hub_id_gets_no_base_model_unless_named(strong_adapter, tiny_qwen2, tmp_path):
     export(strong_adapter, tmp_path / "a", base=str(tiny_qwen2))
     assert ModelCard.load(tmp_path / "a" / "README.md").data.base_model is None  # the Hub rejects a path there

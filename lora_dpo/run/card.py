@@ -4,8 +4,9 @@ Built with huggingface_hub's `ModelCard` / `ModelCardData`, so the YAML metadata
 `base_model` (a Hub id, never a local path: the Hub rejects a card whose base_model is not a model id),
 `library_name` (peft for an adapter, transformers for a merged model), tags, datasets and the base's licence.
 The body holds the recipe's key settings, the final evaluation, a training plot when the run has one, the
-merge verification, and how to load the result. `write_card` puts the card into an export folder with what
-it links beside it: the run's plots and its recipe. Nothing here touches the network.
+merge verification, and how to load the result. `write_card` puts the card into a folder with what it links
+beside it, the run's plots and its recipe: an export's, and a finished run's own adapter/ (the training loop
+writes it there, so the folder can be uploaded as it is). Nothing here touches the network.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from huggingface_hub import ModelCard, ModelCardData, try_to_load_from_cache
 from huggingface_hub.utils import validate_repo_id
 
 from .. import names
-from ..run.rundir import RunDir
-from ..run.source import Source
+from .rundir import RunDir
+from .source import Source
 
 TAGS = ["dpo", "lora", "lora-dpo"]
 
@@ -221,12 +222,14 @@ def build_card(
     verification: Optional[str] = None,
     license: Optional[dict] = None,
     origin: Optional[dict] = None,
+    title: Optional[str] = None,
 ) -> ModelCard:
     """The card of an export. kind: 'adapter' or 'merged'; repo: the Hub id it is pushed to, or the local
     folder; base: the base as loaded; base_id: its Hub id (None for a local folder); recipe: the run's
     config.yaml as a dict; final: its eval.json; plots: PNG paths relative to the export folder, the first one
     shown; verification: one line on the merge check; license: from `base_license`; origin: the GGUF file the
-    base was dequantised from (run_info.json's base_origin), None for any other base."""
+    base was dequantised from (run_info.json's base_origin), None for any other base; title: the card's heading,
+    else the last part of `repo`."""
     if kind not in ("adapter", "merged"):
         raise ValueError(kind)
     tags = list(TAGS)
@@ -241,7 +244,7 @@ def build_card(
         pipeline_tag="text-generation",
         **(license or {}),
     )
-    name = repo.rstrip("/").split("/")[-1]
+    name = title or repo.rstrip("/").split("/")[-1]
     base_link = f"[{base_id}](https://huggingface.co/{base_id})" if base_id else f"a local model, {Path(base).name}"
     what = "A LoRA adapter for" if kind == "adapter" else "A merged model: a LoRA adapter merged into"
     parts = [
@@ -269,14 +272,19 @@ def build_card(
     return ModelCard.from_template(data, template_str=_TEMPLATE, body="\n\n".join(parts))
 
 
+# what write_card puts beside the weights: an export copies a run's adapter folder without them, and writes its own
+CARD_FILES = ("README.md", "plots", "lora_dpo_recipe.yaml")
+
+
 def write_card(
-    folder: Path, src: Source, kind: str, repo: str, base_id: Optional[str], verification: Optional[str] = None
+    folder: Path, src: Source, kind: str, repo: str, base_id: Optional[str], verification: Optional[str] = None,
+    title: Optional[str] = None,
 ) -> None:
     """The card of `src` exported as `kind` into `folder` (README.md), with the files it links beside it: the
     run's plots (plots/) and its recipe (lora_dpo_recipe.yaml). Arguments as for `build_card`."""
     plots = []
     if src.plots:
-        (folder / "plots").mkdir()
+        (folder / "plots").mkdir(exist_ok=True)
         for png in src.plots:
             shutil.copy2(png, folder / "plots" / png.name)
         # the overview figure (all curves) when the run drew one, else the loss curve, shown first
@@ -288,6 +296,6 @@ def write_card(
     licence = base_license(str(base_dir) if base_dir.is_dir() else (base_id or src.base_name), src.revision)
     card = build_card(
         kind=kind, repo=repo, base=src.base_name, base_id=base_id, recipe=src.recipe, final=src.final,
-        plots=plots, verification=verification, license=licence, origin=src.base_origin,
+        plots=plots, verification=verification, license=licence, origin=src.base_origin, title=title,
     )  # fmt: skip
     card.save(folder / "README.md")
