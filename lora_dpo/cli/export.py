@@ -19,13 +19,13 @@ def run(args) -> int:
             raise UserError(f"{', '.join(given)}: only with --push-to-hub OWNER/NAME")
     merge_only = {"--dtype": args.dtype, "--device": args.device, "--max-shard-size": args.max_shard_size,
                   "--tolerance": args.tolerance}  # fmt: skip
-    if not args.merge and any(v is not None for v in merge_only.values()):
+    if not (args.merge or args.gguf) and any(v is not None for v in merge_only.values()):
         flags = ", ".join(f for f, v in merge_only.items() if v is not None)
         raise UserError(f"{flags}: only with --merge (the adapter alone is exported as trained)")
     result = export(
         args.source, args.out, merge=args.merge, dtype=args.dtype or "bf16", base=args.base, base_id=args.base_id,
         device=args.device or "cpu", max_shard_size=args.max_shard_size or "2GB", overwrite=args.overwrite,
-        repo_id=repo_id, tolerance=args.tolerance,
+        repo_id=repo_id, tolerance=args.tolerance, gguf=args.gguf, llama_cpp=args.llama_cpp,
     )  # fmt: skip
     print(result.summary())
     if repo_id:

@@ -16,7 +16,7 @@ import json
 import math
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -314,9 +314,12 @@ def merge_and_verify(
     reloaded = _load_model(str(folder), dtype, device, trust_remote_code=trust_remote_code)
     saved = completion_logps(reloaded, sequences, "scoring the saved model")
     if check_dtype == dtype:
-        return compare_logps(saved, reference, bare, dtype, data, tolerance)
-    return compare_logps(in_memory, reference, bare, check_dtype, data, tolerance, saved=saved, cast=cast,
-                         saved_dtype=dtype)
+        verification = compare_logps(saved, reference, bare, dtype, data, tolerance)
+    else:
+        verification = compare_logps(in_memory, reference, bare, check_dtype, data, tolerance, saved=saved, cast=cast,
+                                     saved_dtype=dtype)
+    verification.saved_logps, verification.bare_logps = saved, bare
+    return verification
 
 
 # ----------------------------------------------------------------------------------------------- verification
@@ -339,6 +342,9 @@ class Verification:
     saved_dtype: Optional[str] = None  # the dtype the model was saved in, when not checked_in
     reload_diff: Optional[float] = None  # largest |log p_saved - log p_merged cast to saved_dtype|: the files' check
     rounding: Optional[float] = None  # largest |log p_saved - log p_base+adapter|: what saved_dtype's rounding moves
+    # per-token log-probs of the saved model and of the base alone (for the GGUF check: export/gguf.py)
+    saved_logps: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
+    bare_logps: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
 
     @property
     def rounding_exceeds_adapter(self) -> bool:

@@ -25,12 +25,13 @@ from ..model.load import load_tokenizer_for
 from ..run.rundir import staged_dir
 from ..run.source import Source, resolve_source
 from ..run.card import CARD_FILES, hub_model_id, is_hub_id, write_card
+from .gguf import GGUF_BYTES, GgufCheck, check_gguf, convert, converter, gguf_name, needs
 from .hub import check_repo_id, list_files
 from .merge import (
     BLIND, ROUNDING, SizeEstimate, Verification, check_disk, folder_bytes, format_size, log_stderr, merge_and_verify,
     parse_device, plan_merge, verification_sequences,
 )  # fmt: skip
-from .tolerance import DTYPES, VERIFY_PAIRS
+from .tolerance import DTYPES, GGUF_TYPES, VERIFY_PAIRS
 
 
 def load_source_tokenizer(src: Source):
@@ -53,6 +54,7 @@ class ExportResult:
     dtype: Optional[str] = None  # merged only
     estimate: Optional[SizeEstimate] = None  # merged only
     verification: Optional[Verification] = None  # merged only
+    gguf: Optional[GgufCheck] = None  # the GGUF file written beside the merged model, and its check
 
     @property
     def max_logp_diff(self) -> Optional[float]:
@@ -64,6 +66,12 @@ class ExportResult:
         text = f"exported the {what} to {self.out} ({len(self.files)} files, {format_size(size)})"
         if self.verification:
             text += "\nverified: " + self.verification.summary()
+        if self.gguf:
+            text += "\nverified: " + self.gguf.summary()
+            file = self.out / self.gguf.file.name
+            text += f"\nnext: llama-cli -m {file} -cnv (llama.cpp), or an Ollama Modelfile `FROM {file}`; "
+            text += (f"for q4_k_m and other k-quants: llama-quantize {file} OUT.gguf q4_k_m" if self.gguf.lossless
+                     else "for q4_k_m and other k-quants, export --gguf bf16 and run llama.cpp's llama-quantize on it")
         return text
 
 
@@ -92,6 +100,8 @@ def export(
     tolerance: Optional[float] = None,
     verify_pairs: int = VERIFY_PAIRS,
     trust_remote_code: Optional[bool] = None,
+    gguf: Optional[str] = None,
+    llama_cpp: Optional[str] = None,
     log: Callable[[str], None] = log_stderr,
 ) -> ExportResult:
     """Export a run directory or adapter folder to `out`: the adapter (default) or, with `merge`, the adapter
@@ -101,7 +111,9 @@ def export(
 
     base: load this base instead of the one the run names. base_id: the base's Hub id for the card and
     adapter_config.json when the base is a local folder. repo_id: the Hub id the export will be pushed to
-    (for the card's usage snippets). Messages go to `log`. Raises UserError for anything the user can fix;
+    (for the card's usage snippets). gguf: also convert the merged model to a GGUF file of this type (GGUF_TYPES;
+    implies `merge`) with llama.cpp's converter (from `llama_cpp`, a checkout, else the package index) and check
+    it (export/gguf.py). Messages go to `log`. Raises UserError for anything the user can fix;
     on any failure `out` is left as it was.
     """
     if dtype not in DTYPES:
@@ -112,6 +124,14 @@ def export(
         raise UserError(f"verify_pairs: must be >= 1, got {verify_pairs}")
     if repo_id is not None:
         check_repo_id(repo_id)
+    if llama_cpp is not None and gguf is None:
+        raise UserError("--llama-cpp: only with --gguf TYPE")
+    if gguf is not None:
+        if gguf not in GGUF_TYPES:
+            raise UserError(f"--gguf {gguf}: expected one of {', '.join(GGUF_TYPES)} (k-quants such as q4_k_m: "
+                            "llama.cpp's llama-quantize, on the bf16 file)")
+        needs()
+        merge = True
     src = resolve_source(source, base)
     out = Path(out).expanduser()
     _check_out(out, src, overwrite)
@@ -122,7 +142,7 @@ def export(
     if not merge:
         return _export_adapter(src, out, base_id, repo, log)
     return _export_merged(src, out, base_id, repo, dtype, parse_device(device), max_shard_size, tolerance,
-                          verify_pairs, trust_remote_code, log)  # fmt: skip
+                          verify_pairs, trust_remote_code, log, gguf, llama_cpp)  # fmt: skip
 
 
 def _export_adapter(src: Source, out: Path, base_id, repo: str, log) -> ExportResult:
@@ -145,9 +165,17 @@ def _export_adapter(src: Source, out: Path, base_id, repo: str, log) -> ExportRe
     return ExportResult(out=out, kind="adapter", base=src.base_name, base_id=base_id, files=list_files(out))
 
 
-def _export_merged(src, out, base_id, repo, dtype, device, max_shard_size, tolerance, verify_pairs, trc, log):
+def _export_merged(src, out, base_id, repo, dtype, device, max_shard_size, tolerance, verify_pairs, trc, log,
+                   gguf=None, llama_cpp=None):
     # 1. What it needs, said before anything heavy starts; refuse when the disk cannot hold it.
     estimate = plan_merge(src, out, dtype, device, max_shard_size, trc, log)
+    script = None
+    if gguf is not None:
+        if estimate is not None:
+            extra = int(estimate.params * GGUF_BYTES[gguf])
+            log(f"gguf: the {gguf} file needs about {format_size(extra)} more in {out.parent}")
+            check_disk(out, estimate.disk_bytes + extra)
+        script = converter(llama_cpp, log)  # before the merge: a converter that cannot be had stops nothing midway
 
     # 2. Reference log-probs of base + adapter, merge, save; 3. reload what was written, as a user will, and compare.
     tokenizer = load_source_tokenizer(src)
@@ -166,6 +194,20 @@ def _export_merged(src, out, base_id, repo, dtype, device, max_shard_size, toler
         if verification.rounding_exceeds_adapter:
             log(f"warning: {ROUNDING.format(dtype=dtype)} ({verification.rounding:.2e} vs {verification.adapter_effect:.2e} nats)")
         tokenizer.save_pretrained(str(tmp))
-        write_card(tmp, src, "merged", repo, base_id, verification.summary())
+        checked = None
+        if gguf is not None:
+            file = tmp / gguf_name(out, gguf)
+            convert(tmp, file, gguf, script, log)
+            checked = check_gguf(tmp, file, gguf, dtype, sequences, verification.saved_logps,
+                                 verification.bare_logps, device, log)
+            if not checked.passed:
+                raise UserError(f"GGUF check failed: {checked.summary()}. Nothing was written to {out}")
+            if checked.rounding_exceeds_adapter:
+                log(f"warning: {gguf} rounding moves some log-probs more than the adapter does "
+                    f"({checked.max_diff:.2e} vs {checked.adapter_max:.2e} nats); --gguf bf16 keeps the merge exactly")
+        checks = verification.summary() + (f"\n\n{checked.summary()}" if checked else "")
+        write_card(tmp, src, "merged", repo, base_id, checks, gguf_file=checked.file.name if checked else None)
+    if checked:
+        checked.file = out / checked.file.name
     return ExportResult(out=out, kind="merged", base=src.base_name, base_id=base_id, files=list_files(out),
-                        dtype=dtype, estimate=estimate, verification=verification)  # fmt: skip
+                        dtype=dtype, estimate=estimate, verification=verification, gguf=checked)  # fmt: skip

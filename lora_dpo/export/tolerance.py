@@ -18,3 +18,6 @@ model is saved in, and the tolerance of the check that compares it with base + a
 TOLERANCES = {"bf16": (1e-1, 5e-2), "fp16": (2e-2, 1e-2), "fp32": (1e-4, 1e-4)}  # (atol nats, rtol)
 DTYPES = tuple(TOLERANCES)  # dtypes of a merged model: bf16, fp16, fp32 (model/load.py maps them to torch's)
 VERIFY_PAIRS = 4  # pairs (two sequences each) scored by both models
+
+# GGUF types llama.cpp's convert_hf_to_gguf.py writes itself (export/gguf.py), here for the light command line
+GGUF_TYPES = ("bf16", "f16", "f32", "q8_0")

