@@ -40,21 +40,32 @@ class TrainerState:
     beta: Optional[float] = None  # the beta of the step to come (adaptive beta moves it); None: loss.beta
 
 
+# a sharded run's optimizer state, written into the checkpoint by every process (training/distributed.py)
+SHARDED_OPTIMIZER = "optimizer_sharded"
+
+
+def staging(run: RunDir | Path, step: int) -> Path:
+    """The hidden folder a checkpoint of `step` is written into before its rename, empty (the main process makes
+    it; under FSDP / ZeRO-3 every process then writes its part of the optimizer state there, SHARDED_OPTIMIZER)."""
+    tmp = RunDir.of(run).staging(step)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
 def save_checkpoint(run: RunDir | Path, state: TrainerState, write_adapter: Callable[[Path], None], optimizer,
-                    scheduler, scaler=None, keep_last=None, rng_states: list[dict] | None = None) -> Path:
+                    scheduler, scaler=None, keep_last=None, rng_states: list[dict] | None = None,
+                    staged: Optional[Path] = None) -> Path:
     """Write `checkpoints/step-{state.step}` atomically; prune to the newest `keep_last`. Returns the folder.
 
     `write_adapter(folder)` writes the adapter into `folder` (model/adapters.py). `rng_states`: every process's
     `rng_state()`, in process order (default: this process's only). `optimizer` None: its state is sharded
-    across processes (FSDP, ZeRO-3) and not saved, so a resumed run restarts its moments."""
+    across processes (FSDP, ZeRO-3) and was written into `staged` (see `staging`) by every process already."""
     run = RunDir.of(run)
-    root = run.checkpoints
-    root.mkdir(parents=True, exist_ok=True)
     final = run.checkpoint(state.step)
-    tmp = root / f".step-{state.step}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = staged if staged is not None else staging(run, state.step)
+    root = tmp.parent
     write_adapter(tmp / ADAPTER_DIR)
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -140,14 +151,15 @@ def find_resume_checkpoint(run: RunDir | Path, resume) -> Path | None:
 
 def load_checkpoint(path: Path, optimizer, scheduler, scaler=None, rank: int = 0, processes: int = 1) -> TrainerState:
     """Restore everything `save_checkpoint` wrote but the adapter (the caller loads `path / ADAPTER_DIR` into the
-    model: model/adapters.py); returns the loop position. Each process takes its own RNG states when the
-    checkpoint was written by as many processes, else those of process 0."""
+    model: model/adapters.py) and a sharded optimizer state (`optimizer` None: the caller restores it once the
+    engine has wrapped model and optimizer, training/distributed.py); returns the loop position. Each process takes
+    its own RNG states when the checkpoint was written by as many processes, else those of process 0."""
     if optimizer is not None:
         if (path / "optimizer.pt").exists():
             optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
         else:
-            print(f"notice: {path} holds no optimizer state (a sharded run's); the optimizer starts afresh",
-                  file=sys.stderr)
+            print(f"notice: {path} holds no optimizer state of one process (a sharded run's); the optimizer starts "
+                  "afresh", file=sys.stderr)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     if scaler is not None and (path / "scaler.pt").exists():
         scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=False))

@@ -95,6 +95,10 @@ class RunDir:
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"step-{step}"
 
+    def staging(self, step: int) -> Path:
+        """The hidden folder the checkpoint of `step` is written into, then renamed to `checkpoint(step)`."""
+        return self.checkpoints / f".step-{step}.tmp"
+
     def round(self, k: int) -> Path:
         """The adapter saved when round k ended (iterative DPO)."""
         return self.path / "rounds" / f"round-{k}"

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, load_fsdp_optimizer, save_fsdp_optimizer
 from tqdm.auto import tqdm
 
 from ..core.stats import Stats
@@ -81,6 +82,26 @@ def clip_params(accelerator, model, params):
     """What to pass to `accelerator.clip_grad_norm_`: the adapter's parameters, or under FSDP the module's."""
     # FSDP clips through the wrapped module, which accelerate recognises by its full parameter list
     return model.parameters() if accelerator.distributed_type == DistributedType.FSDP else params
+
+
+def save_sharded_optimizer(accelerator, model, optimizer, folder: Path) -> None:
+    """Every process: its part of a sharded optimizer state into `folder` (a checkpoint being written), through the
+    engine's own functions: accelerate's save_fsdp_optimizer under FSDP (one gathered file under FULL_STATE_DICT,
+    a torch.distributed.checkpoint folder under SHARDED_STATE_DICT), the DeepSpeed engine's save_checkpoint under
+    ZeRO-3 (each process's optimizer partition; the frozen 4-bit base left out)."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        save_fsdp_optimizer(accelerator.state.fsdp_plugin, accelerator, optimizer, model, str(folder))
+    else:
+        model.save_checkpoint(str(folder), tag="state", save_latest=False, exclude_frozen_parameters=True)
+
+
+def load_sharded_optimizer(accelerator, model, optimizer, folder: Path) -> None:
+    """Every process, once the engine has wrapped model and optimizer: the state `save_sharded_optimizer` wrote."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        load_fsdp_optimizer(accelerator.state.fsdp_plugin, accelerator, optimizer, model, str(folder))
+    else:  # the adapter's weights are already the checkpoint's (setup loaded them before the engine wrapped them)
+        model.load_checkpoint(str(folder), tag="state", load_module_strict=False, load_optimizer_states=True,
+                              load_lr_scheduler_states=False)
 
 
 def gathered_adapter(accelerator, model) -> dict:

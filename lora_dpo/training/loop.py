@@ -37,12 +37,14 @@ from ..model.adapters import adapter_fingerprint, save_adapter, snapshot_referen
 from ..model.offload import activation_offload
 from ..progress import progress
 from ..run.card import hub_model_id, write_card
-from ..run.checkpoint import rng_state, save_checkpoint
+from ..run.checkpoint import SHARDED_OPTIMIZER, rng_state, save_checkpoint, staging
 from ..run.metrics import DiscardLog, MetricsLog, read_metrics
 from ..run.plots import write_plots
 from ..run.rundir import RunDir, staged_dir
 from ..run.source import resolve_source
-from .distributed import clip_params, gathered_adapter, log, max_over_processes, reduce_stats, reduce_sum
+from .distributed import (
+    clip_params, gathered_adapter, log, max_over_processes, reduce_stats, reduce_sum, save_sharded_optimizer,
+)
 from .probes import AdaptiveBeta, Sampler, measure_kl
 from .reference import ReferenceTables, reference_tables
 from .setup import Setup, setup
@@ -300,10 +302,18 @@ class Session:
         rngs = gather_object([rng_state()]) if s.world > 1 else None
         adapter = gathered_adapter(s.accelerator, s.model) if s.sharded else None
         s.state.beta = self.beta
+        staged = None
+        if s.sharded:  # every process writes its part of the optimizer state into the checkpoint before its rename
+            if s.main:
+                staging(s.run, s.state.step)
+            s.accelerator.wait_for_everyone()
+            staged = s.run.staging(s.state.step)
+            save_sharded_optimizer(s.accelerator, s.model, s.optimizer, staged / SHARDED_OPTIMIZER)
+            s.accelerator.wait_for_everyone()
         if s.main:
             save_checkpoint(s.run, s.state, lambda folder: write_adapter(s.policy, folder, adapter),
                             None if s.sharded else s.optimizer, s.scheduler, s.accelerator.scaler,
-                            s.recipe.train.keep_last, rngs)
+                            s.recipe.train.keep_last, rngs, staged)
         s.accelerator.wait_for_everyone()
         return s.run.checkpoint(s.state.step)
 

@@ -7,13 +7,14 @@ and a resumed run's state or a fresh run's record.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 from transformers import get_scheduler
 
 from ..config import Recipe, flat, load_scorer, save_recipe, to_dict
@@ -33,9 +34,9 @@ from ..model.load import base_origin, load_model_config, load_tokenizer
 from ..model.offload import embeddings_on_cpu
 from ..model.tiling import tile_mlps
 from ..model.wrapped import PolicyLogps, policy_of
-from ..run.checkpoint import TrainerState, find_resume_checkpoint, load_checkpoint
+from ..run.checkpoint import SHARDED_OPTIMIZER, TrainerState, find_resume_checkpoint, load_checkpoint
 from ..run.rundir import ADAPTER_DIR, RunDir, run_info
-from .distributed import configure_deepspeed, is_sharded, log, wants_cpu
+from .distributed import configure_deepspeed, is_sharded, load_sharded_optimizer, log, wants_cpu
 from .resume import check_same_global_batch, check_same_recipe
 from .trackers import check_trackers, init_kwargs, project_name
 
@@ -166,6 +167,7 @@ def load_model(recipe: Recipe, accelerator: Accelerator, tokenizer, layout: Layo
     mask, which the configuration could not tell)."""
     t = recipe.train
     sharded = is_sharded(accelerator)
+    _notice_engine_not_used(accelerator)
     configure_deepspeed(accelerator, t.batch_size, t.max_grad_norm)
     if t.embeddings_on_cpu and sharded:
         raise ConfigError("train.embeddings_on_cpu: FSDP and DeepSpeed ZeRO-3 place the weights themselves (each process "
@@ -277,6 +279,8 @@ def setup(recipe: Recipe) -> Setup:
         reference_adapter = adapter_fingerprint(run.round(round_idx))
     _notice_beta(recipe)
     model, optimizer, scheduler = accelerator.prepare(PolicyLogps(policy), optimizer, scheduler)
+    if resume_from is not None and is_sharded(accelerator):
+        _restore_sharded_optimizer(accelerator, model, optimizer, resume_from, state)
     policy = policy_of(model)
     _place(recipe, run, accelerator, policy, method, rounds[round_idx])
     if t.report_to:
@@ -284,6 +288,33 @@ def setup(recipe: Recipe) -> Setup:
                                   init_kwargs=init_kwargs(recipe, run.path.name))
     return Setup(recipe, run, accelerator, tokenizer, method, data, rounds, ends, policy, model, params, optimizer,
                  scheduler, state, resume_from, round_idx, reference_adapter)
+
+
+def _notice_engine_not_used(accelerator: Accelerator) -> None:
+    """accelerate runs an FSDP or DeepSpeed config as plain data parallelism on a machine without a GPU, silently:
+    every process then holds the whole model. Say so."""
+    for engine, variable, kind in (("FSDP", "ACCELERATE_USE_FSDP", DistributedType.FSDP),
+                                   ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED", DistributedType.DEEPSPEED)):
+        if os.environ.get(variable, "").lower() == "true" and accelerator.distributed_type != kind:
+            log(f"notice: the accelerate config asks for {engine}, which needs GPUs; accelerate runs "
+                f"{accelerator.distributed_type.value} here instead, each process holding the whole model")
+
+
+def _restore_sharded_optimizer(accelerator: Accelerator, model, optimizer, checkpoint: Path,
+                               state: TrainerState) -> None:
+    """Under FSDP / ZeRO-3, the optimizer state every process wrote into the checkpoint, restored through the engine
+    once it has wrapped model and optimizer (a checkpoint of an earlier lora-dpo has none: the moments restart)."""
+    folder = checkpoint / SHARDED_OPTIMIZER
+    if not folder.is_dir():
+        log(f"notice: {checkpoint} holds no sharded optimizer state (written by an earlier lora-dpo); the optimizer's "
+            "moments start afresh")
+        return
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and state.processes != accelerator.num_processes:
+        raise ConfigError(f"resume: {checkpoint} was written by {state.processes} processes under DeepSpeed ZeRO-3, "
+                          f"whose optimizer state is one partition per process; resume it on {state.processes} "
+                          f"processes (here: {accelerator.num_processes})")
+    load_sharded_optimizer(accelerator, model, optimizer, folder)
+    log(f"restored the sharded optimizer state of {checkpoint}")
 
 
 def _notice_beta(recipe: Recipe) -> None:

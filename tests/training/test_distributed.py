@@ -187,3 +187,47 @@ def test_two_processes_with_shared_prompts_and_length_grouping_train_as_one(tmp_
     assert done.returncode == 0, done.stderr[-4000:]
     train(load_recipe(RECIPE, [*SMALL, f"output_dir={tmp_path / 'one'}", "train.batch_size=8", *levers]))
     assert_same_trajectory(rows(tmp_path / "two"), rows(tmp_path / "one"))
+
+
+# accelerate's own FSDP optimizer functions, called as a checkpoint calls them (training/distributed.py), on a plain
+# model in a one-process gloo group: FSDP itself needs GPUs, but these functions take FSDP2's path through
+# torch.distributed.checkpoint's state-dict API, which any model has. A fresh interpreter: the process group is global.
+FSDP_OPTIMIZER_ROUND_TRIP = """
+import os, sys, tempfile, torch
+from pathlib import Path
+from types import SimpleNamespace
+import torch.distributed as dist
+from accelerate import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from lora_dpo.training.distributed import load_sharded_optimizer, save_sharded_optimizer
+
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+dist.init_process_group("gloo", rank=0, world_size=1)
+PartialState(cpu=True)
+plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type=sys.argv[1])
+accelerator = SimpleNamespace(distributed_type=DistributedType.FSDP, state=SimpleNamespace(fsdp_plugin=plugin),
+                              process_index=0, is_main_process=True, wait_for_everyone=lambda: None)
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+trained = torch.optim.AdamW(model.parameters(), lr=1e-2)
+for _ in range(3):
+    model(torch.randn(3, 4)).sum().backward()
+    trained.step()
+    trained.zero_grad(set_to_none=True)
+folder = Path(tempfile.mkdtemp()) / "optimizer_sharded"
+save_sharded_optimizer(accelerator, model, trained, folder)
+fresh = torch.optim.AdamW(model.parameters(), lr=1e-2)  # as a resumed run has it: no state yet
+load_sharded_optimizer(accelerator, model, fresh, folder)
+a, b = trained.state_dict()["state"], fresh.state_dict()["state"]
+same = a.keys() == b.keys() and all(torch.equal(a[k][n], b[k][n]) for k in a for n in ("exp_avg", "exp_avg_sq", "step"))
+print("files:", sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()), "same:", same)
+"""
+
+
+@pytest.mark.parametrize("kind", ["FULL_STATE_DICT", "SHARDED_STATE_DICT"])
+def test_the_fsdp_optimizer_state_round_trips_through_accelerates_functions(kind):
+    done = subprocess.run([sys.executable, "-c", FSDP_OPTIMIZER_ROUND_TRIP, kind, str(_free_port())],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "same: True" in done.stdout, done.stdout
+    assert ("optimizer.bin" in done.stdout) is (kind == "FULL_STATE_DICT")  # one gathered file, or DCP's folder

@@ -184,3 +184,59 @@ def test_out_of_memory_names_the_keys_that_reduce_memory(recipe_path, monkeypatc
     monkeypatch.setattr(PreferenceMethod, "pair_losses", oom)
     with pytest.raises(UserError, match=r"out of GPU memory.*train.batch_size.*data.max_length.*gradient_checkpointing"):
         train(load_recipe(recipe_path, ["train.max_steps=2"]))
+
+
+# ----------------------------------------------------------------------------- sharded optimizer state (FSDP, ZeRO-3)
+# accelerate runs FSDP and DeepSpeed only on GPUs. Here: the protocol around their save / load functions, with the
+# engine's part played by a stand-in that writes this process's optimizer state where the engine writes its shards.
+
+
+def _as_if_sharded(monkeypatch, restore=True):
+    from lora_dpo.training import loop, setup
+
+    written = []
+
+    def save(accelerator, model, optimizer, folder):
+        assert folder.parent.name.startswith(".step-")  # inside the checkpoint before its rename: never half of one
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(optimizer.state_dict(), folder / f"rank{accelerator.process_index}.pt")
+        written.append(folder.parent.name)
+
+    def load(accelerator, model, optimizer, folder):
+        if restore:
+            optimizer.load_state_dict(torch.load(folder / f"rank{accelerator.process_index}.pt", weights_only=False))
+
+    monkeypatch.setattr(setup, "is_sharded", lambda accelerator: True)
+    monkeypatch.setattr(loop, "save_sharded_optimizer", save)
+    monkeypatch.setattr(setup, "load_sharded_optimizer", load)
+    return written
+
+
+@pytest.mark.parametrize("restore", [True, False])
+def test_a_sharded_runs_optimizer_state_is_in_its_checkpoints_and_resumes_exactly(recipe_path, tmp_path,
+                                                                                   monkeypatch, capsys, restore):
+    written = _as_if_sharded(monkeypatch, restore)
+    whole = tmp_path / "whole"
+    train(load_recipe(recipe_path, [f"output_dir={whole}", "train.max_steps=6"]))
+    assert sorted(set(written)) == [".step-2.tmp", ".step-4.tmp", ".step-6.tmp"]
+    checkpoint = whole / "checkpoints" / "step-2"
+    assert (checkpoint / "optimizer_sharded" / "rank0.pt").is_file() and not (checkpoint / "optimizer.pt").exists()
+
+    part = tmp_path / "part"
+    shutil.copytree(whole, part)
+    capsys.readouterr()
+    train(load_recipe(recipe_path, [f"output_dir={part}", "train.max_steps=6", f"resume={part / 'checkpoints' / 'step-2'}"]))
+    assert f"restored the sharded optimizer state of {part / 'checkpoints' / 'step-2'}" in capsys.readouterr().err
+    resumed, expected = rows_without_timing(part), rows_without_timing(whole)
+    # restored, the moments continue and the metrics are the uninterrupted run's; restarted, they are not
+    assert (resumed == expected) is restore
+
+
+def test_a_sharded_checkpoint_without_optimizer_state_resumes_with_a_notice(recipe_path, tmp_path, monkeypatch, capsys):
+    _as_if_sharded(monkeypatch)
+    train(load_recipe(recipe_path, ["train.max_steps=2"]))
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-2" / "optimizer_sharded")  # as an earlier lora-dpo wrote it
+    capsys.readouterr()
+    train(load_recipe(recipe_path, ["train.max_steps=3", "resume=true"]))
+    assert "holds no sharded optimizer state (written by an earlier lora-dpo); the optimizer's moments start afresh" \
+        in capsys.readouterr().err
