@@ -126,6 +126,29 @@ def add_compare(sub) -> None:
     c.set_defaults(module="lora_dpo.cli.compare")
 
 
+SWEEP_EXAMPLES = """examples:
+  lora-dpo sweep toy --grid loss.beta=0.05,0.1,0.2,0.5
+  lora-dpo sweep toy train.max_steps=200 --grid loss.beta=0.1,0.5 --grid loss.name=dpo,ipo --out runs/methods
+
+Run the same command again to continue a sweep that was stopped: finished points are kept, a point with a
+checkpoint resumes, the rest train.
+"""
+
+
+def add_sweep(sub) -> None:
+    s = sub.add_parser("sweep", help="one run per value of beta (or any keys), and their reward-KL frontier",
+                       description="Train one run per grid point under one folder (the reference pass shared), then "
+                                   "draw the reward against the KL to the reference of every run (the DPO paper's "
+                                   "frontier) and recommend a point: sweep.json, frontier.png.",
+                       epilog=SWEEP_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_recipe_arguments(s, "see recipes/", "train.max_steps=200")
+    s.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...", required=True,
+                   help="a recipe key and its values, e.g. loss.beta=0.05,0.1,0.2,0.5; repeat for more keys (every "
+                        "combination runs)")
+    s.add_argument("--out", metavar="DIR", help="the sweep folder (default: the recipe's output_dir + '-sweep')")
+    s.set_defaults(module="lora_dpo.cli.sweep")
+
+
 def add_recipes(sub) -> None:
     r = sub.add_parser("recipes", help="list the recipes that ship with lora-dpo (train one by its name)",
                        description="The recipes that ship with lora-dpo, with their header: GPU, model, what each shows. "
@@ -146,4 +169,4 @@ def add_fetch_example(sub) -> None:
     f.set_defaults(module="lora_dpo.cli.fetch")
 
 
-COMMANDS = (add_train, add_data, add_compare, add_export, add_plan, add_recipes, add_fetch_example)
+COMMANDS = (add_train, add_sweep, add_data, add_compare, add_export, add_plan, add_recipes, add_fetch_example)
