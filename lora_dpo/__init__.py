@@ -24,7 +24,7 @@ logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 # public name -> the module that owns it
 _API = {
-    "train": "lora_dpo.api", "TrainResult": "lora_dpo.api",
+    "train": "lora_dpo.api", "TrainResult": "lora_dpo.api", "preview_data": "lora_dpo.api",
     "Recipe": "lora_dpo.config", "ModelConfig": "lora_dpo.config", "LoraConfig": "lora_dpo.config",
     "DataConfig": "lora_dpo.config", "LossConfig": "lora_dpo.config", "TrainConfig": "lora_dpo.config",
     "EvalConfig": "lora_dpo.config", "OnlineConfig": "lora_dpo.config", "load_recipe": "lora_dpo.config",
@@ -37,7 +37,7 @@ _API = {
 __all__ = [
     "ConfigError", "DataConfig", "DataError", "EvalConfig", "Interrupted", "LOSSES", "LoraConfig", "LossConfig",
     "LossSpec", "ModelConfig", "OnlineConfig", "Recipe", "RunDir", "TrainConfig", "TrainResult", "UserError",
-    "load_recipe", "register_loss", "resolve_source", "save_recipe", "train",
+    "load_recipe", "preview_data", "register_loss", "resolve_source", "save_recipe", "train",
 ]  # fmt: skip (the names of _API)
 
 
@@ -45,7 +45,7 @@ __getattr__, __dir__ = lazy_names(__name__, _API)
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
-    from .api import TrainResult, train
+    from .api import TrainResult, preview_data, train
     from .config import (DataConfig, EvalConfig, LoraConfig, LossConfig, ModelConfig, OnlineConfig, Recipe,
                          TrainConfig, load_recipe, save_recipe)
     from .core.losses import LOSSES, LossSpec, register_loss

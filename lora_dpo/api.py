@@ -21,6 +21,8 @@ from typing import Any, Optional, Union
 from .config import Recipe, load_recipe
 from .data.sources import eval_is_split
 from .errors import ConfigError, DataError
+from .methods import method_class
+from .model.load import load_tokenizer
 from .run.rundir import RunDir, atomic_text
 from .training.loop import train as train_recipe
 
@@ -73,7 +75,8 @@ def train(recipe: Union[Recipe, str, Path], data: Optional[Rows] = None, eval_da
     `data`, `eval_data`: rows in memory (a datasets.Dataset or a list of dicts) to train and evaluate on instead
     of the recipe's data.train / data.eval; without `eval_data`, data.eval_fraction of `data` is held out (unless
     data.eval names another file or dataset). Raises the same errors as `lora-dpo train`: ConfigError and
-    DataError (UserError) for what the user can fix, `Interrupted` after a safe stop."""
+    DataError (UserError) for what the user can fix, `Interrupted` after a safe stop, and `StoppedEarly` (a
+    KeyboardInterrupt) for a stop before the first step, when nothing was trained."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe, list(overrides))
     elif overrides:
@@ -93,3 +96,23 @@ def train(recipe: Union[Recipe, str, Path], data: Optional[Rows] = None, eval_da
         recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, **changes))
     metrics = train_recipe(recipe)
     return TrainResult(RunDir(recipe.output_dir), metrics, recipe)
+
+
+def preview_data(recipe: Recipe, rows: int = 5) -> tuple[list[dict], str]:
+    """The first `rows` training examples of `recipe` as the trainer reads them: the format detected, the prompt
+    rendered through the model's chat template and the replies as their tokens decode (special tokens shown), and
+    the data report's summary. Loads the tokenizer only; raises DataError / ConfigError as training would."""
+    limited = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, max_rows=rows, eval_fraction=0.0,
+                                                                   eval=None))
+    tokenizer = load_tokenizer(limited.model)
+    data = method_class(limited).load(limited, tokenizer)
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
+    out = []
+    for item in data.train[:rows]:
+        if hasattr(item, "chosen_ids"):  # a preference pair
+            out.append({"row": item.index, "prompt": decode(item.prompt_ids), "chosen": decode(item.chosen_ids),
+                        "rejected": decode(item.rejected_ids)})
+        else:  # an SFT or KTO example
+            out.append({"row": item.index, "prompt": decode(item.prompt_ids), "completion": decode(item.completion_ids),
+                        "desirable": item.desirable})
+    return out, data.report.format()

@@ -15,7 +15,7 @@ import pytest
 from tiny import REPO
 
 PACKAGES = {"lora_dpo": REPO / "lora_dpo", "lora_dpo_app": REPO / "app"}
-OPTIONAL_HEAVY = {"bitsandbytes", "deepspeed", "gradio", "tensorboard", "wandb", "playwright"}
+OPTIONAL_HEAVY = {"bitsandbytes", "deepspeed", "gradio", "tensorboard", "wandb", "playwright", "gguf"}
 # third-party packages the fresh interpreter loads first, so that each child below spends its time on lora-dpo
 THIRD_PARTY = ("torch", "transformers", "peft", "accelerate", "datasets", "safetensors", "huggingface_hub",
                "matplotlib.figure", "gradio", "pandas", "yaml", "tqdm")

@@ -21,6 +21,8 @@ from typing import Callable
 
 import datasets
 
+from ..progress import phase
+
 # Below this much text one process maps faster than starting several: on 2 cores the toy world's 2000 short rows
 # (0.5 MB) took 0.6 s in one process and 1.3 s in two; 500 real chat pairs (2.5 MB) 1.6 s and 1.2 s; 20,000 of
 # them 52 s and 30 s (benchmarks/RESULTS.md)
@@ -73,8 +75,13 @@ def encode_rows(rows: datasets.Dataset, encode: Callable[[dict, list[int]], dict
     num_proc = processes(rows)
     if num_proc:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers: no thread pool from the parent
-    return rows.map(encode, batched=True, batch_size=BATCH_ROWS, with_indices=True, remove_columns=rows.column_names,
-                    features=features, new_fingerprint=fingerprint, num_proc=num_proc, desc=f"tokenising {label}")
+    # (datasets draws its own bar; the run's progress.json has the phase, done when the map is)
+    with phase("tokenising data", total=len(rows), unit="row", detail=f"tokenising {label}") as mapped:
+        table = rows.map(encode, batched=True, batch_size=BATCH_ROWS, with_indices=True,
+                         remove_columns=rows.column_names, features=features, new_fingerprint=fingerprint,
+                         num_proc=num_proc, desc=f"tokenising {label}")
+        mapped.advance(len(rows))
+    return table
 
 
 def records(batch: dict[str, list]) -> list[dict]:

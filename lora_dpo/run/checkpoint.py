@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..errors import ConfigError, first_line
-from .rundir import ADAPTER_DIR, STATE_FILE, RunDir
+from .rundir import ADAPTER_DIR, STATE_FILE, RunDir, usual_modes
 
 
 @dataclass
@@ -75,6 +75,7 @@ def save_checkpoint(run: RunDir | Path, state: TrainerState, write_adapter: Call
     rng_states = rng_states or [rng_state()]
     torch.save({**rng_states[0], "processes": rng_states}, tmp / "rng.pt")  # top level: process 0's
     (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+    usual_modes(tmp)  # safetensors writes 0600 files; a checkpoint is read like any run file
     _fsync_dir(tmp)
     if final.exists():  # a checkpoint of the same step from an earlier attempt: replace it whole
         shutil.rmtree(final)

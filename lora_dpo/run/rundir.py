@@ -12,6 +12,7 @@ compare and the app read a run through it.
     plots/               PNG curves (run/plots.py)
     data_report.json     what happened to the data
     run_info.json        versions, commit, device, data fingerprints, total steps
+    progress.json        the run's phases so far, each with its times and progress (progress.py; run/phases.py)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import platform
 import re
 import shutil
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -87,6 +89,12 @@ class RunDir:
     @property
     def run_info(self) -> Path:
         return self.path / "run_info.json"
+
+    @property
+    def progress(self) -> Path:
+        """The phases of the run so far (progress.record_to writes it, run/phases.read_phases reads it). Not one of
+        OUTPUTS: a run that failed before training leaves it, and a fresh run starts it anew in place of it."""
+        return self.path / "progress.json"
 
     @property
     def checkpoints(self) -> Path:
@@ -247,7 +255,8 @@ def atomic_text(path: Path, text: str) -> None:
 @contextlib.contextmanager
 def staged_dir(path: Path):
     """Yield a temporary sibling folder of `path` (same filesystem, so the final move is a rename); when the
-    block ends normally it replaces `path`, when it raises it is removed. A reader never sees half a folder."""
+    block ends normally it replaces `path`, with the modes of `usual_modes`; when it raises it is removed. A reader
+    never sees half a folder."""
     tmp = path.with_name(f".{path.name}.partial")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -257,9 +266,39 @@ def staged_dir(path: Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    usual_modes(tmp)
     if path.exists():
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     os.replace(tmp, path)
+
+
+def usual_modes(folder: Path) -> None:
+    """Give `folder` and everything in it the modes a plain mkdir and open give under this process's umask (0755
+    and 0644 with umask 022; executables keep their x bits). safetensors (0.8) writes each file into a temporary
+    one created 0600 and renames that into place (safetensors/safetensors#782), so without this the weights of an
+    adapter or a merged model would be readable by their owner only, unlike the files beside them."""
+    mask = umask()
+    for item in [folder, *folder.rglob("*")]:
+        if item.is_symlink():
+            continue
+        mode = item.stat().st_mode
+        want = (0o777 if stat.S_ISDIR(mode) or mode & stat.S_IXUSR else 0o666) & ~mask
+        if stat.S_IMODE(mode) != want:
+            os.chmod(item, want)
+
+
+def umask() -> int:
+    """This process's umask. Read from /proc where there is one: os.umask reads it only by setting it, which for a
+    moment would apply to files other threads create."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def run_info(device: torch.device, fingerprints: dict) -> dict:

@@ -154,19 +154,25 @@ def draw(front: Frontier, path: Path) -> Optional[Path]:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     colours = {p.name: f"C{i % 10}" for i, p in enumerate(sorted(finals, key=lambda p: p.name))}
-    for p in finals:
+    for rank, p in enumerate(sorted(finals, key=lambda p: (p.kl, p.reward))):
         trail = sorted((q for q in front.along if q.name == p.name and q.reward is not None and q.kl is not None),
                        key=lambda q: q.step) + [p]
         ax.plot([q.kl for q in trail], [q.reward for q in trail], "-o", color=colours[p.name], alpha=0.3,
                 markersize=3, linewidth=1)
         ax.plot([p.kl], [p.reward], "o", color=colours[p.name], markersize=8, label=p.name)
-        ax.annotate(p.name, (p.kl, p.reward), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    front_line = sorted((p for p in finals if p.pareto), key=lambda p: p.kl)
+        # neighbours on the curve are labelled at staggered heights, so that close points stay readable
+        ax.annotate(p.name, (p.kl, p.reward), textcoords="offset points", xytext=(6, -12 + 10 * (rank % 3)),
+                    fontsize=8)
+    # the frontier through every measured point, the evaluations along training included (as the paper draws it)
+    everything = [Point(p.name, p.step, p.reward, p.kl, final=p.final) for p in finals + front.along
+                  if p.reward is not None and p.kl is not None]
     if front.reference_reward is not None:
         ax.plot([0.0], [front.reference_reward], "*", color="black", markersize=13, label="reference")
-        front_line = [Point("reference", 0, front.reference_reward, 0.0)] + front_line
+        everything.append(Point("reference", 0, front.reference_reward, 0.0))
+    mark_pareto(everything)
+    front_line = sorted((p for p in everything if p.pareto), key=lambda p: (p.kl, p.reward))
     ax.plot([p.kl for p in front_line], [p.reward for p in front_line], "--", color="black", linewidth=1.2,
-            label="frontier (not dominated)")
+            label="frontier (no point has more reward for less KL)")
     if front.recommended:
         chosen = next(p for p in finals if p.name == front.recommended)
         ax.plot([chosen.kl], [chosen.reward], "o", markersize=15, markerfacecolor="none", markeredgecolor="red",

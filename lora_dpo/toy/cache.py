@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from ..paths import build_once, cache_root
+from ..progress import phase
 from .world import WORLD_VERSION, make_pairs
 
 TRAIN_PAIRS, TEST_PAIRS = 2000, 200
@@ -22,9 +23,11 @@ TRAIN_SEED, TEST_SEED = 0, 1  # the test split's prompts and reviews come from a
 
 def _write_data(folder: Path) -> None:
     print(f"lora_dpo.toy: writing the toy world's preference data into {folder.parent} ...", file=sys.stderr, flush=True)
-    for name, n, seed in (("train", TRAIN_PAIRS, TRAIN_SEED), ("test", TEST_PAIRS, TEST_SEED)):
-        with open(folder / f"{name}.jsonl", "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in make_pairs(n, seed))
+    with phase("building the toy world", total=TRAIN_PAIRS + TEST_PAIRS, unit="pair") as built:
+        for name, n, seed in (("train", TRAIN_PAIRS, TRAIN_SEED), ("test", TEST_PAIRS, TEST_SEED)):
+            with open(folder / f"{name}.jsonl", "w") as f:
+                f.writelines(json.dumps(row) + "\n" for row in make_pairs(n, seed))
+            built.advance(n)
 
 
 def world_key() -> str:

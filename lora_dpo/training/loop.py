@@ -15,6 +15,7 @@ number, indexes by a mask or copies from pageable memory (data/batches.to_device
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
@@ -35,7 +36,7 @@ from ..memory.track import peak_memory_gb
 from ..methods import Data, StepContext
 from ..model.adapters import adapter_fingerprint, save_adapter, snapshot_reference, write_adapter
 from ..model.offload import activation_offload
-from ..progress import progress
+from ..progress import phase, progress, stop_recording
 from ..run.card import hub_model_id, write_card
 from ..run.checkpoint import SHARDED_OPTIMIZER, rng_state, save_checkpoint, staging
 from ..run.metrics import DiscardLog, MetricsLog, read_metrics
@@ -48,29 +49,33 @@ from .distributed import (
 from .probes import AdaptiveBeta, Sampler, measure_kl
 from .reference import ReferenceTables, reference_tables
 from .setup import Setup, setup
-from .stopping import Interrupted, StopRequest, diverged, out_of_memory_advice
+from .stopping import EARLY_STOP, Interrupted, StopRequest, diverged, out_of_memory_advice
 
 
 def train(recipe: Recipe) -> dict:
     """Train as the recipe says (DPO and its relatives, KTO, SFT, online DPO, in rounds); return the final
     evaluation (also written to eval.json).
 
-    Raises `Interrupted` after a safe stop (checkpoint written) and `UserError` for what the user can fix."""
+    Raises `Interrupted` after a safe stop (checkpoint written), `StoppedEarly` (a KeyboardInterrupt) for a stop
+    while the run prepares (nothing to save), and `UserError` for what the user can fix."""
     try:
-        session = Session(setup(recipe))
-        with out_of_memory_advice(), StopRequest() as stop:
-            session.reference_pass()
-            session.baseline(stop)
-            session.run_steps(stop)
-            final = session.finish()
-        session.refuse_non_finite(final)
-        session.write_result(final)
+        with StopRequest() as stop:  # from the start: a stop while preparing ends the run at once
+            session = Session(setup(recipe))
+            with out_of_memory_advice():
+                session.reference_pass()
+                session.baseline(stop)
+                stop.training = True  # from here a stop finishes the step and writes a checkpoint
+                session.run_steps(stop)
+                final = session.finish()
+            session.refuse_non_finite(final)
+            session.write_result(final)
         return final
     except Exception as exc:
         if (why := _write_failure(exc, RunDir(recipe.output_dir))) is None:
             raise
         raise why from None
     finally:
+        stop_recording()  # the run's progress.json: a phase still open (a failure, a stop) ends here
         RunDir(recipe.output_dir).release()  # the run directory's lock (RunDir.hold), however the run ended
 
 
@@ -116,23 +121,24 @@ class Session:
         """Reference log-probs of the round's examples (computed, or read from the cache)."""
         s = self.s
         s.method.prepare(s.accelerator.device)
-        self.tables = reference_tables(s.method, s.model, Data(self.round_data, s.data.eval, s.data.report),
-                                       s.accelerator, s.tokenizer, s.reference_adapter)
+        with phase("reference pass") if s.method.needs_reference else contextlib.nullcontext():
+            self.tables = reference_tables(s.method, s.model, Data(self.round_data, s.data.eval, s.data.report),
+                                           s.accelerator, s.tokenizer, s.reference_adapter)
 
     def baseline(self, stop: StopRequest) -> None:
         """Before training the policy *is* the reference (LoRA's B starts at zero, or the policy is a copy of the
         start adapter), so its eval metrics are those of the reference model."""
         s = self.s
         if s.resume_from is None:
-            s.state.baseline = self.held_out() if s.data.eval else {}
-            s.state.baseline.update(self.sampler(s.policy, adapter=False))
+            s.state.baseline = self.held_out("evaluating the reference") if s.data.eval else {}
+            s.state.baseline.update(self.sample(adapter=False))
             if "behaviour" in s.state.baseline:
                 log(f"behaviour score of the reference model: {s.state.baseline['behaviour']:.3f}")
         elif self.sampler.prompts:
             self.sampler.reference_distinct = s.state.baseline.get("diversity/distinct_2")
         flag = torch.full((1,), float(bool(stop.requested)), dtype=torch.float64, device=s.accelerator.device)
         if reduce_sum(s.accelerator, flag).item():
-            raise Interrupted("stopped before the first step; nothing to save")
+            raise Interrupted(EARLY_STOP)  # (a stop raised at once where it landed; this is one off the main thread)
 
     def run_steps(self, stop: StopRequest) -> None:
         """The optimizer steps. One step = grad_accum micro-batches of batch_size examples on each process, the
@@ -144,7 +150,7 @@ class Session:
         log(f"training: {len(self.round_data)} {unit}s, {s.total_steps} steps of {pps} {unit}s "
             f"({t.batch_size} x {t.grad_accum} x {s.world} process(es)){f', {t.rounds} rounds' if t.rounds > 1 else ''}"
             f", on {s.device}")
-        bar = progress(total=s.total_steps, initial=state.step, disable=not s.main, unit="step",
+        bar = progress(total=s.total_steps, initial=state.step, disable=not s.main, unit="step", phase="training",
                        desc=s.recipe.stage if s.recipe.stage != "dpo" else s.recipe.loss.name)
         window, nonfinite_in_a_row = s.method.Stats.from_state(state.window), 0
         window_start, probe = time.perf_counter(), {}
@@ -256,8 +262,13 @@ class Session:
         if prefix and self.s.main:
             self.refresh_plots()
 
-    def held_out(self) -> dict:
-        """The method's metrics on the held-out examples: batches split across processes, without gradients."""
+    def held_out(self, name: str = "evaluation") -> dict:
+        """The method's metrics on the held-out examples: batches split across processes, without gradients.
+        `name`: the phase's, in the run's progress.json."""
+        with phase(name):
+            return self._held_out()
+
+    def _held_out(self) -> dict:
         s = self.s
         s.model.eval()
         stats, table = s.method.Stats(), self.tables.eval
@@ -276,9 +287,16 @@ class Session:
         """Held-out metrics, then the sampled figures of the policy; leaves the model in train mode."""
         s = self.s
         row = self.held_out() if s.data.eval else {}
-        row.update(self.sampler(s.policy, adapter=True))
+        row.update(self.sample(adapter=True))
         s.model.train()
         return row
+
+    def sample(self, adapter: bool) -> dict:
+        """The sampled figures of the policy (`adapter`) or of the reference (probes.Sampler), as a phase."""
+        if not self.sampler.prompts:
+            return {}
+        with phase(f"sampling the {'policy' if adapter else 'reference'}"):
+            return self.sampler(self.s.policy, adapter=adapter)
 
     def end_round(self) -> None:
         """Iterative DPO: the policy becomes the frozen reference of the next round."""
@@ -311,9 +329,10 @@ class Session:
             save_sharded_optimizer(s.accelerator, s.model, s.optimizer, staged / SHARDED_OPTIMIZER)
             s.accelerator.wait_for_everyone()
         if s.main:
-            save_checkpoint(s.run, s.state, lambda folder: write_adapter(s.policy, folder, adapter),
-                            None if s.sharded else s.optimizer, s.scheduler, s.accelerator.scaler,
-                            s.recipe.train.keep_last, rngs, staged)
+            with phase("saving a checkpoint", detail=f"step {s.state.step}"):
+                save_checkpoint(s.run, s.state, lambda folder: write_adapter(s.policy, folder, adapter),
+                                None if s.sharded else s.optimizer, s.scheduler, s.accelerator.scaler,
+                                s.recipe.train.keep_last, rngs, staged)
         s.accelerator.wait_for_everyone()
         return s.run.checkpoint(s.state.step)
 
@@ -356,7 +375,7 @@ class Session:
         s = self.s
         adapter = gathered_adapter(s.accelerator, s.model) if s.sharded else None
         if s.main:
-            with staged_dir(s.run.adapter) as tmp:
+            with phase("saving the adapter"), staged_dir(s.run.adapter) as tmp:
                 save_adapter(s.policy, s.tokenizer, tmp, adapter)
             s.run.write_json(s.run.eval, final)
             self.refresh_plots()

@@ -34,6 +34,7 @@ from ..model.load import base_origin, load_model_config, load_tokenizer
 from ..model.offload import embeddings_on_cpu
 from ..model.tiling import tile_mlps
 from ..model.wrapped import PolicyLogps, policy_of
+from ..progress import phase, record_to
 from ..run.checkpoint import SHARDED_OPTIMIZER, TrainerState, find_resume_checkpoint, load_checkpoint
 from ..run.rundir import ADAPTER_DIR, RunDir, run_info
 from .distributed import configure_deepspeed, is_sharded, load_sharded_optimizer, log, wants_cpu
@@ -240,6 +241,8 @@ def setup(recipe: Recipe) -> Setup:
     if procs.device.type == "cpu":
         keep_freed_memory()  # memory/allocator.py: 10-15% faster steps on the CPU
     resume_from = check_before_loading(recipe, run, procs.num_processes, procs.is_main_process)
+    if procs.is_main_process:  # the run's phases from here on, in its progress.json (a resumed run's after its own)
+        record_to(run.progress, keep=resume_from is not None)
     set_seed(t.seed)
 
     # Data, checked before any model loads. One process per machine fills the caches (the toy world, datasets)
@@ -258,7 +261,8 @@ def setup(recipe: Recipe) -> Setup:
     rounds += [data.train] * (t.rounds - len(rounds))  # rounds without data of their own reuse data.train
 
     accelerator = make_accelerator(recipe, run, procs.device)  # (the process's device, known before precision)
-    policy, method = load_model(recipe, accelerator, tokenizer, layout)
+    with phase("loading the model"):
+        policy, method = load_model(recipe, accelerator, tokenizer, layout)
 
     # Schedule: optimizer steps from epochs (or max_steps) in each round; warmup then decay over them all. Each
     # step averages exactly pairs_per_step examples of the round's data stream (data/order.py), so the step count
