@@ -4,9 +4,14 @@
     main.py          `lora-dpo app`: build_app(workspace) and launch (127.0.0.1 by default, optional login)
     workspace.py     the folders the app may touch; every typed path is checked against them
     jobs.py          one training job at a time, as a `lora-dpo train` subprocess; its progress from the run dir
-    train_tab.py     recipe fields, command preview, Start/Stop, progress bar, live plots, log, final metrics
-    compare_tab.py   reference vs tuned (or A vs B) answers with implicit rewards (lora_dpo.compare)
-    export_tab.py    adapter or merged export, optional Hub push (lora_dpo.export, lora_dpo.hub)
+    train_tab.py     recipe fields (resume filled from the run itself), command preview, Start/Stop, data preview,
+                     save as recipe, progress bar, the run's phases, live plots, log, final metrics
+    phases.py        the phases of a run (lora_dpo.run.read_phases) as the page shows them; pure HTML
+    sweep_tab.py     a beta sweep as a `lora-dpo sweep` job, its frontier drawn as points finish (lora_dpo.sweep)
+    compare_tab.py   reference vs tuned (or A vs B) answers with implicit rewards (lora_dpo.compare), how far the
+                     adapter moved the model, and where the answers part
+    chat_tab.py      a conversation with a finished run's model, adapter on or off, streamed
+    export_tab.py    adapter or merged export, optional Hub push or its dry run (lora_dpo.export, lora_dpo.hub)
 """
 
 from lora_dpo.lazy import lazy_names

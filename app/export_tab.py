@@ -22,7 +22,7 @@ class ExportTab:
         self.ws, self.allow_code = ws, allow_code
 
     def export(self, run: str, out: str, overwrite: bool, merge: bool, dtype: str, to_hub: bool, repo_id: str,
-               private: bool, token: str):
+               private: bool, token: str, dry_run: bool = False):
         """-> (result markdown, token field emptied)."""
         lines: list[str] = []
         try:
@@ -34,8 +34,8 @@ class ExportTab:
                             trust_remote_code=None if self.allow_code else False, log=lines.append)
             text = [f"**exported** to `{self.ws.show(result.out)}`", "```", result.summary(), "```"]
             if repo:
-                pushed = push(result.out, repo, private=private, token=(token or "").strip() or None)
-                text += ["**pushed**", "```", pushed.listing(), "```"]
+                pushed = push(result.out, repo, private=private, token=(token or "").strip() or None, dry_run=dry_run)
+                text += ["**dry run**: nothing uploaded" if dry_run else "**pushed**", "```", pushed.listing(), "```"]
         except Exception as exc:  # said on the page (not as a pop-up) so that the token field is emptied too,
             # whatever failed; the message is scrubbed of the token (a Hub error may echo a header)
             text = str(exc) if isinstance(exc, UserError) else first_line(exc)
@@ -66,10 +66,11 @@ class ExportTab:
             private = gr.Checkbox(label="private", value=True)
             token = gr.Textbox(label="token (else HF_TOKEN or `hf auth login`; never stored)", type="password",
                                elem_id="token")
+            dry_run = gr.Checkbox(label="dry run: list what would be uploaded, upload nothing", elem_id="dry-run")
         go = gr.Button("Export", variant="primary", elem_id="export")
         result = gr.Markdown(elem_id="export-result")
-        go.click(self.export, [run, out, overwrite, merge, dtype, to_hub, repo_id, private, token], [result, token],
-                 api_name="export")
+        go.click(self.export, [run, out, overwrite, merge, dtype, to_hub, repo_id, private, token, dry_run],
+                 [result, token], api_name="export")
         run.change(lambda r: f"exports/{Path(r).name}" if r else "", run, out, api_visibility="private")
         refresh.click(self.refresh, run, run, api_visibility="private")
         self.run = run

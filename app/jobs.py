@@ -1,9 +1,14 @@
 """One training job at a time, in its own process: `python -m lora_dpo train RECIPE KEY=VALUE ...`.
 
 The app holds no training logic. It starts the CLI with an argument list (never a shell string), in its own
-session so a crash or a Ctrl-C in the app's terminal does not reach it, sends SIGINT for a safe stop (the
-trainer finishes the step, writes a checkpoint and exits 130), and reads what the run writes: the log,
+session so a crash or a Ctrl-C in the app's terminal does not reach it, and reads what the run writes: the log,
 metrics.jsonl and eval.json.
+
+Stop escalates, so that it always stops. First a SIGINT: the trainer's safe stop (it finishes the step, writes a
+checkpoint and exits 130; while it prepares, before any step, it ends at once). If the trainer still runs a grace
+period later, a second SIGINT: the trainer's stop at once (no checkpoint of the step in flight). A grace period
+after that, SIGKILL to its process group. A timer thread escalates whether or not the page is open; Stop clicked
+again escalates at once (a click within DOUBLE_CLICK_S of the last counts as the same click).
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ from lora_dpo.errors import UserError
 from lora_dpo.run import STATE_FILE, RunDir, complete_checkpoints, read_metrics
 
 LOG_NAME = "app-train.log"  # beside the run's own files; appended to, never replaced
+STOP_GRACE_S = 60.0  # seconds the trainer has to answer one level of Stop before the next is sent
+DOUBLE_CLICK_S = 3.0  # a second click this soon after a Stop is the same click (an accidental double click)
+STOP_KINDS = ("safe", "at once", "killed")  # the levels of Stop, in the order they are sent
+STOPPED_CODES = (130, -signal.SIGINT, -signal.SIGTERM)  # a trainer that stopped on request (130: its own exit)
 
 
 @dataclass
@@ -38,11 +47,18 @@ class Progress:
     error: Optional[str] = None  # the CLI's error message of a failed run
     checkpoint: Optional[str] = None  # the checkpoint a stopped run wrote (step-N), None if it stopped before one
     returncode: Optional[int] = None
+    stop_kind: Optional[str] = None  # the last Stop sent: safe | at once | killed (STOP_KINDS); None: none sent
+    stop_by: Optional[str] = None  # what sent it: "click", or "grace" (the trainer did not answer in time)
+    stop_grace_s: float = STOP_GRACE_S  # the time it had to answer each level
+    next_stop_in_s: Optional[float] = None  # while it runs: seconds until the next level is sent, if one is due
+    newest_checkpoint: Optional[str] = None  # once stopped: the run's newest complete checkpoint, of any job
 
 
 class TrainingJob:
-    def __init__(self, command: list[str], run_dir: Path, cwd: Path, env: Optional[dict] = None):
+    def __init__(self, command: list[str], run_dir: Path, cwd: Path, env: Optional[dict] = None,
+                 grace_s: float = STOP_GRACE_S, double_click_s: float = DOUBLE_CLICK_S):
         self.command, self.run_dir = command, run_dir
+        self.grace_s, self.double_click_s = grace_s, double_click_s
         run_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = run_dir / LOG_NAME
         self.started = time.time()
@@ -58,23 +74,70 @@ class TrainingJob:
                                              stdin=subprocess.DEVNULL, start_new_session=True, env=child_env)
         except OSError as exc:
             raise UserError(f"cannot start {command[0]}: {exc}") from None
-        self.stop_requested = False
+        self.stop_kind: Optional[str] = None  # the last level of Stop sent (STOP_KINDS)
+        self.stop_by: Optional[str] = None  # "click" or "grace"
+        self._stop_sent = 0.0  # time.monotonic() when it was sent
+        self._stop_lock = threading.Lock()  # a click and the escalation timer, one at a time
         self.ended: Optional[float] = None
 
     def running(self) -> bool:
         return self.proc.poll() is None
 
-    def stop(self) -> bool:
-        """The trainer's safe stop: finish the optimizer step, checkpoint, exit 130. Sent once: a second
-        SIGINT would make the trainer stop at once, without its checkpoint. False if already asked."""
-        if not self.running() or self.stop_requested:
-            return False
-        self.stop_requested = True
-        self.proc.send_signal(signal.SIGINT)
-        return True
+    @property
+    def recipe(self) -> str:
+        """The recipe the job trains, as given to `lora-dpo train` (relative to the workspace root)."""
+        return self.command[4]
+
+    @property
+    def overrides(self) -> list[str]:
+        return self.command[5:]
+
+    @property
+    def stop_requested(self) -> bool:
+        return self.stop_kind is not None
+
+    def stop(self, by: str = "click", unanswered: Optional[str] = None) -> Optional[str]:
+        """Send the next level of Stop (STOP_KINDS): the safe stop first; the trainer's stop at once; SIGKILL to its
+        process group. Returns the level sent, or None: not running, already killed, or a click within
+        `double_click_s` of the last Stop (the same click twice; a second SIGINT would lose the checkpoint). After
+        the first, a timer sends the next level whenever the trainer has not ended `grace_s` after the last
+        (`unanswered`: the level the timer saw go unanswered; nothing is sent if a click has moved on meanwhile)."""
+        with self._stop_lock:
+            if not self.running() or self.stop_kind == "killed":
+                return None
+            if by == "click" and self.stop_kind and time.monotonic() - self._stop_sent < self.double_click_s:
+                return None
+            if unanswered and (self.stop_kind != unanswered or time.monotonic() < self._stop_sent + self.grace_s):
+                return None
+            kind = STOP_KINDS[STOP_KINDS.index(self.stop_kind) + 1] if self.stop_kind else "safe"
+            first = self.stop_kind is None
+            self.stop_kind, self.stop_by, self._stop_sent = kind, by, time.monotonic()
+            if kind == "killed":
+                self.kill()
+            else:
+                self.proc.send_signal(signal.SIGINT)  # the trainer's own stop: safe the first time, at once the second
+        if first:
+            threading.Thread(target=self._escalate, name="stop-escalation", daemon=True).start()
+        return kind
+
+    def _escalate(self) -> None:
+        """The timer: the next level of Stop whenever the last one went unanswered for `grace_s`."""
+        while self.running() and self.stop_kind != "killed":
+            kind, due = self.stop_kind, self._stop_sent + self.grace_s - time.monotonic()
+            if due <= 0:
+                self.stop(by="grace", unanswered=kind)  # (checked again under the lock: a click may have come)
+            else:
+                time.sleep(min(due, 0.2))
+
+    def next_stop_in(self) -> Optional[float]:
+        """Seconds until the timer sends the next level of Stop; None when none is due."""
+        if self.stop_kind in (None, "killed") or not self.running():
+            return None
+        return max(0.0, self._stop_sent + self.grace_s - time.monotonic())
 
     def kill(self) -> None:
         if self.running():
+            self.stop_kind = "killed"
             os.killpg(self.proc.pid, signal.SIGKILL)  # the trainer and anything it started (its own session)
             self.proc.wait()
 
@@ -96,7 +159,9 @@ class TrainingJob:
         log = self._log_text()
         p = Progress("starting" if code is None and not rows else "running", step, total,
                      (self.ended or now) - self.started,
-                     remaining, rows, "\n".join(log.splitlines()[-40:]), returncode=code)
+                     remaining, rows, "\n".join(log.splitlines()[-40:]), returncode=code,
+                     stop_kind=self.stop_kind, stop_by=self.stop_by, stop_grace_s=self.grace_s,
+                     next_stop_in_s=self.next_stop_in())
         if code is None:
             return p
         p.remaining_s = 0.0 if code == 0 else None
@@ -104,9 +169,11 @@ class TrainingJob:
             p.state = "finished"
             run = RunDir(self.run_dir)
             p.final = json.loads(run.eval.read_text()) if run.eval.is_file() else None
-        elif code == 130 and self.stop_requested:
-            p.state = "stopped"
+        elif self.stop_requested and (code in STOPPED_CODES or self.stop_kind == "killed" and code == -signal.SIGKILL):
+            p.state = "stopped"  # on request: early (nothing to save), safely (a checkpoint), at once, or killed
             p.checkpoint = self._new_checkpoint()
+            done = complete_checkpoints(self.run_dir)
+            p.newest_checkpoint = done[-1].name if done else None
         else:
             p.state = "failed"
             errors = [line for line in log.splitlines() if line.startswith("lora-dpo: error:")]
@@ -151,31 +218,47 @@ class TrainingJob:
 class JobManager:
     """The app's one job slot: a second start while a job runs is refused."""
 
-    def __init__(self):
+    def __init__(self, grace_s: float = STOP_GRACE_S, double_click_s: float = DOUBLE_CLICK_S):
         self._lock = threading.Lock()
         self.job: Optional[TrainingJob] = None
+        self.grace_s, self.double_click_s = grace_s, double_click_s  # for every job it starts (TrainingJob.stop)
 
     def start(self, command: list[str], run_dir: Path, cwd: Path, env: Optional[dict] = None) -> TrainingJob:
         with self._lock:
             if self.job is not None and self.job.running():
                 raise UserError(f"a training job is already running ({self.job.run_dir}); stop it or wait for "
                                 "it to finish before starting another")
-            self.job = TrainingJob(command, run_dir, cwd, env)
+            self.job = TrainingJob(command, run_dir, cwd, env, self.grace_s, self.double_click_s)
             return self.job
 
     def stop(self) -> str:
+        """One click of Stop: the next level (TrainingJob.stop), and what happens next, in words."""
         job = self.job
         if job is None or not job.running():
             return "no training job is running"
-        if not job.stop():
-            return "already stopping: the trainer is finishing its step and writing the checkpoint"
-        return "stopping: the trainer finishes this step, saves a checkpoint, then exits"
+        kind, grace = job.stop(), f"{job.grace_s:g} s"
+        if kind == "safe":
+            return (f"stopping safely: the trainer finishes this step, saves a checkpoint, then exits (while it "
+                    f"prepares, it ends at once); if it has not stopped in {grace} it is stopped at once; "
+                    "click Stop again to stop at once now")
+        if kind == "at once":
+            return (f"stopping at once: the step in flight is not saved (the newest checkpoint is kept); if the "
+                    f"trainer has not stopped in {grace} it is killed; click Stop again to kill it now")
+        if kind == "killed":
+            return "killed the trainer and what it started: the step in flight is not saved"
+        if job.stop_kind == "killed":
+            return "already killed: the trainer is ending"
+        return (f"already stopping {'safely' if job.stop_kind == 'safe' else 'at once'} (that click came within "
+                f"{job.double_click_s:g} s of the last); click Stop again to "
+                f"{'stop at once' if job.stop_kind == 'safe' else 'kill it'} now")
 
     def shutdown(self, timeout: float = 60.0) -> None:
-        """On app exit: ask the job to stop safely, wait a while, then kill it."""
+        """On app exit: ask the job to stop safely (unless a Stop is under way: it escalates on its own), wait a
+        while, then kill it."""
         job = self.job
         if job is not None and job.running():
-            job.stop()
+            if not job.stop_requested:
+                job.stop(by="app exit")
             try:
                 job.proc.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -1,4 +1,4 @@
-"""`lora-dpo app`: the Gradio app (Train, Compare, Export tabs) on the folders of one workspace.
+"""`lora-dpo app`: the Gradio app (Train, Sweep, Compare, Chat, Export tabs) on the folders of one workspace.
 
 The command joins `lora-dpo` through the entry point `lora_dpo.commands: app` (pyproject.toml; its arguments are
 command.py's), so the training library never imports the app; gradio comes with the `app` extra (`pip install 'lora-dpo[app]'`, which `make
@@ -18,6 +18,9 @@ from lora_dpo.errors import UserError
 from .workspace import Workspace
 
 AUTH_ENV = "LORA_DPO_APP_AUTH"
+# gradio's run history keeps every call's inputs in the browser (a typed Hub token included) and shows them on its
+# "runs" page: off, which also deletes what an earlier version of the app saved there
+PRIVATE = dict(run_history=False, footer_links=["api", "settings"])
 
 
 def build_app(ws, jobs=None, allow_code: bool = False):
@@ -25,8 +28,10 @@ def build_app(ws, jobs=None, allow_code: bool = False):
     and runs may run code from outside the package (a model's remote code, a custom eval.scorer)."""
     import gradio as gr  # noqa: PLC0415 - the optional `app` extra: imported when the app is built, not for --help
 
-    from .compare_tab import CompareTab  # noqa: PLC0415 - (the tabs import gradio)
+    from .chat_tab import ChatTab  # noqa: PLC0415 - (the tabs import gradio)
+    from .compare_tab import CompareTab  # noqa: PLC0415
     from .export_tab import ExportTab  # noqa: PLC0415
+    from .sweep_tab import SweepTab  # noqa: PLC0415
     from .jobs import JobManager  # noqa: PLC0415
     from .train_tab import TrainTab  # noqa: PLC0415
 
@@ -36,15 +41,24 @@ def build_app(ws, jobs=None, allow_code: bool = False):
         with gr.Tab("Train", id="train"):
             train = TrainTab(ws, jobs, allow_code)
             train.build()
+        with gr.Tab("Sweep", id="sweep"):
+            sweep = SweepTab(ws, jobs)
+            sweep.build()
         with gr.Tab("Compare", id="compare") as compare_tab:
             compare = CompareTab(ws, allow_code)
             compare.build()
+        with gr.Tab("Chat", id="chat") as chat_tab:
+            chat = ChatTab(compare)  # the model Compare loaded: one base in memory for both tabs
+            chat.build()
         with gr.Tab("Export", id="export") as export_tab:
             export = ExportTab(ws, allow_code)
             export.build()
-        demo.load(train.load_fields, train.recipe, train.fields, api_visibility="private")
+        # the running job's recipe and fields, after a reload too; else the chosen recipe's
+        demo.load(train.load_page, train.recipe, [train.recipe, *train.fields], api_visibility="private")
+        demo.load(sweep.preview, sweep.inputs, sweep.command_box, api_visibility="private")
         # runs finished since the page loaded appear when their tab is opened
         compare_tab.select(compare.refresh, compare.adapters[0], compare.adapters, api_visibility="private")
+        chat_tab.select(chat.refresh, chat.source, chat.source, api_visibility="private")
         export_tab.select(export.refresh, export.run, export.run, api_visibility="private")
     demo.jobs = jobs
     return demo
@@ -80,5 +94,5 @@ def run(args) -> int:
     atexit.register(demo.jobs.shutdown)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # runs the atexit handler
     demo.queue(default_concurrency_limit=4).launch(server_name=args.host, server_port=args.port,
-                                                   share=args.share, auth=auth)
+                                                   share=args.share, auth=auth, **PRIVATE)
     return 0

@@ -1,5 +1,5 @@
 """A tour of the app in a real headless Chromium (Playwright): click Start in the Train tab, watch the plots
-fill, compare answers, export. The browser test and the README's screenshots both take this tour.
+and phases fill, compare answers, chat, export, run a small sweep. The browser test and the README's screenshots both take this tour.
 
     python -m lora_dpo_app.tour --out docs/     screenshots of each tab on the toy world (a few minutes on a CPU)
 
@@ -16,7 +16,7 @@ import socket
 import tempfile
 from pathlib import Path
 
-from .main import build_app
+from .main import PRIVATE, build_app
 from .workspace import Workspace
 
 TOY_PROMPTS = "write a review of the night river .\nwrite a review of the silver harbour .\nwrite a review of the last garden ."
@@ -37,13 +37,37 @@ def launch(ws):
     """The app for workspace `ws` on a free localhost port, in this process; returns (demo, url)."""
     demo = build_app(ws)
     demo.queue()
-    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, server_port=free_port())
+    _, url, _ = demo.launch(prevent_thread_lock=True, quiet=True, server_port=free_port(), **PRIVATE)
     return demo, url
 
 
 def browser(playwright):
     return playwright.chromium.launch(executable_path=chromium_path(), headless=True,
                                       args=["--no-sandbox", "--disable-gpu"])
+
+
+def persistent_context(playwright, profile: Path):
+    """A Chromium with a profile on disk, as a user's browser keeps one (to search it for what the page stored)."""
+    return playwright.chromium.launch_persistent_context(str(profile), executable_path=chromium_path(),
+                                                         headless=True, args=["--no-sandbox", "--disable-gpu"],
+                                                         viewport={"width": 1360, "height": 1400})
+
+
+def dropdown_options(page, elem_id: str) -> list[str]:
+    """The choices a gradio Dropdown offers, as the page received them (its config)."""
+    choices = page.evaluate("id => window.gradio_config.components.find(c => c.props.elem_id === id).props.choices",
+                            elem_id)
+    return [value for _, value in choices]
+
+
+def set_number(page, selector: str, value: str) -> None:
+    box = page.locator(f"{selector} input")
+    box.fill(value)
+    box.press("Tab")  # gradio's Number sends its change on blur
+
+
+def number(page, selector: str) -> str:
+    return page.locator(f"{selector} input").input_value()
 
 
 def train(page, timeout_ms: int = 900_000) -> dict:
@@ -82,6 +106,31 @@ def export(page, timeout_ms: int = 300_000) -> str:
     return page.locator("#export-result").inner_text()
 
 
+def chat(page, message: str = "write a review of the night river .", timeout_ms: int = 300_000) -> str:
+    """Open Chat on the newest run, send `message`, return the streamed reply once the page says who answered."""
+    page.get_by_role("tab", name="Chat").click()
+    page.wait_for_function("document.querySelector('#chat-adapter input')?.value.length > 0", timeout=30_000)
+    page.locator("#chat-message textarea").fill(message)
+    page.locator("#chat-send").click()
+    page.wait_for_selector("#chat-note:has-text('answered by')", timeout=timeout_ms)
+    return page.locator("#chat [data-testid=bot]").last.inner_text()
+
+
+def sweep(page, grid: str = "loss.beta=0.1,1.0", changes: str = "train.max_steps=40\ntrain.eval_every=20",
+          timeout_ms: int = 900_000) -> str:
+    """Open Sweep, start a small grid on the chosen recipe, wait until every point is drawn; the status text."""
+    page.get_by_role("tab", name="Sweep").click()
+    page.locator("#sweep-grid textarea").fill(grid)
+    page.locator("#sweep-changes textarea").fill(changes)
+    page.wait_for_selector("#sweep-command:has-text('--grid')", timeout=30_000)
+    page.locator("#sweep-start").click()
+    points = len(grid.split("=", 1)[1].split(","))
+    page.wait_for_selector(f"#sweep-state[data-done='{points}']", timeout=timeout_ms)
+    page.wait_for_selector("#sweep-frontier img", timeout=60_000)
+    page.wait_for_timeout(2500)  # the picture of the last point
+    return page.locator("#sweep-status").inner_text()
+
+
 def screenshots(out: Path, workdir: Path | None = None) -> list[Path]:
     """Train the toy recipe in the app, compare, export, and save one screenshot per tab in `out`."""
     from playwright.sync_api import sync_playwright  # noqa: PLC0415 - optional (dev extra): the tour alone needs it
@@ -101,10 +150,18 @@ def screenshots(out: Path, workdir: Path | None = None) -> list[Path]:
             shots.append(out / "app-train.png")
             page.screenshot(path=str(shots[-1]), full_page=True)
             compare(page)
+            page.locator("#show-diff input").check()  # where the two answers part, word by word
+            page.wait_for_selector("#diff ins, #diff del", timeout=30_000)
             shots.append(out / "app-compare.png")
+            page.screenshot(path=str(shots[-1]), full_page=True)
+            chat(page)
+            shots.append(out / "app-chat.png")
             page.screenshot(path=str(shots[-1]), full_page=True)
             export(page)
             shots.append(out / "app-export.png")
+            page.screenshot(path=str(shots[-1]), full_page=True)
+            sweep(page)
+            shots.append(out / "app-sweep.png")
             page.screenshot(path=str(shots[-1]), full_page=True)
             b.close()
     finally:

@@ -12,6 +12,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
+from lora_dpo.config.load import recipe_keys
 from lora_dpo.data.sources import looks_like_path
 from lora_dpo.errors import UserError
 from lora_dpo.paths import RECIPES, shipped_recipes
@@ -83,10 +86,37 @@ class Workspace:
         shutil.copytree(RECIPES, self.recipes, ignore=shutil.ignore_patterns("__pycache__", "uploads"))
         return len(shipped_recipes())
 
+    def _yaml_files(self) -> list[Path]:
+        return sorted(self.recipes.rglob("*.yaml")) if self.recipes.is_dir() else []
+
     def recipe_files(self) -> list[str]:
-        return sorted(self.show(p) for p in self.recipes.rglob("*.yaml")) if self.recipes.is_dir() else []
+        """The recipes under recipes/: YAML mappings of recipe keys (complete or not; the form says what is
+        missing). Other YAML files there, such as accelerate's launch configs, are not offered (`not_recipes`)."""
+        return [self.show(p) for p in self._yaml_files() if not_a_recipe(p) is None]
+
+    def not_recipes(self) -> list[tuple[str, str]]:
+        """(file, why) for the YAML files under recipes/ that are not recipes."""
+        return [(self.show(p), why) for p in self._yaml_files() if (why := not_a_recipe(p)) is not None]
 
     def finished_runs(self) -> list[str]:
         """Run directories (any depth under runs/) with a final adapter."""
         found = (p.parent for p in self.runs.rglob(RunDir.CONFIG))
         return sorted({self.show(p) for p in found if (RunDir(p).adapter / "adapter_config.json").is_file()})
+
+
+def not_a_recipe(path: Path) -> str | None:
+    """Why the YAML file at `path` is not a recipe, in a few words; None when it is one (a mapping whose keys are
+    the recipe's sections and top-level keys, or `base:`)."""
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return "not readable as YAML"
+    if not isinstance(tree, dict):
+        return "not a mapping of keys"
+    if "distributed_type" in tree or "compute_environment" in tree:
+        return "an accelerate launch config: accelerate launch --config_file …"
+    unknown = sorted(str(k) for k in tree if k not in TOP_KEYS)
+    return f"keys that are not recipe keys: {', '.join(unknown[:3])}" if unknown else None
+
+
+TOP_KEYS = {key for key in recipe_keys() if "." not in key} | {"base"}

@@ -86,12 +86,22 @@ def wait(client, until, timeout=900) -> dict:
 
 
 def start(client, recipe: str, **changes):
+    return client.predict(recipe, *form(client, recipe, **changes), api_name="/start")
+
+
+SHORT = {"model": "model.name", "data": "data.train", "beta": "loss.beta", "lr": "train.lr"}  # names used below
+
+
+def form(client, recipe: str, **changes) -> list:
+    """The Train tab's fields for `recipe`, as the page loads them, with `changes` (by short name or by the
+    key's last part: output_dir, max_steps, ...) applied."""
+    from lora_dpo_app.train_tab import KEYS
+
     values = list(client.predict(recipe, api_name="/load_recipe"))
-    keys = ["model", "data", "loss", "beta", "lr", "epochs", "batch", "accum", "max_length", "r", "alpha",
-            "output_dir", "overwrite", "resume"]
-    for key, value in changes.items():
-        values[keys.index(key)] = value
-    return client.predict(recipe, *values, api_name="/start")
+    for name, value in changes.items():
+        key = SHORT.get(name) or next(k for k in KEYS if k.rsplit(".", 1)[-1] == name)
+        values[KEYS.index(key)] = value
+    return values
 
 
 @pytest.fixture(scope="module")
@@ -123,9 +133,11 @@ def test_edited_fields_become_overrides_in_the_command(app):
     demo, client = app
     values = list(client.predict("recipes/quick.yaml", api_name="/load_recipe"))
     assert values[:4] == ["toy", "toy", "dpo", 0.1]
-    values[3], values[4], values[11] = 0.25, 0.0005, "runs/other"
+    values = form(client, "recipes/quick.yaml", beta=0.25, lr=0.0005, output_dir="runs/other", max_steps=9,
+                  warmup_ratio=0.2, save_every=4)
     assert client.predict("recipes/quick.yaml", *values, api_name="/preview") == (
-        "lora-dpo train recipes/quick.yaml loss.beta=0.25 train.lr=0.0005 output_dir=runs/other")
+        "lora-dpo train recipes/quick.yaml loss.beta=0.25 train.lr=0.0005 train.max_steps=9 train.warmup_ratio=0.2 "
+        "train.save_every=4 output_dir=runs/other")
 
 
 def test_a_second_start_is_refused_and_stop_checkpoints(app, ws, quick_run):
@@ -292,3 +304,235 @@ def test_an_empty_folder_gets_the_shipped_recipes_and_an_existing_one_is_left_al
     (mine / "recipes" / "only.yaml").write_text("output_dir: runs/only\n")
     assert Workspace.at(mine).add_shipped_recipes() == 0
     assert Workspace.at(mine).recipe_files() == ["recipes/only.yaml"]
+
+
+# ---------------------------------------------------------------- Compare's summary and differences, the Chat tab
+import gradio as gr  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+from lora_dpo.compare import Comparer, Sampling  # noqa: E402
+from lora_dpo.toy.build import BASE  # noqa: E402
+from lora_dpo.training.loop import train  # noqa: E402
+from lora_dpo_app.chat_tab import ChatTab, conversation, prompt_ids, stream_reply  # noqa: E402
+from lora_dpo_app.compare_tab import (BARELY_MOVED, DEL, INS, CompareTab, barely_moved,  # noqa: E402
+                                      differences_html, movement, word_diff_html)
+
+CHAT_PROMPTS = ["write a review of the night river .", "write a review of the silver harbour .",
+                "write a review of the last garden ."]
+
+
+def test_word_diff_marks_the_words_only_in_one_answer_and_escapes_html():
+    # difflib's opcodes: equal "i", replace "loved"->"watched", equal "it . the music seemed", replace "loud"->"bland",
+    # equal "."
+    assert word_diff_html("i loved it . the music seemed loud .", "i watched it . the music seemed bland .") == (
+        f"i {DEL}loved</del> {INS}watched</ins> it . the music seemed {DEL}loud</del> {INS}bland</ins> .")
+    assert word_diff_html("a <b>", "a <b> c") == f"a &lt;b&gt; {INS}c</ins>"
+    assert word_diff_html("same  words\n", "same words") == "same words"
+
+
+def test_differences_view_has_one_block_per_prompt_and_says_when_answers_are_identical():
+    rows = [dict(prompt="p<1>", answers={"reference": "a b", "tuned": "a c"}, rewards={}, score_with="tuned"),
+            dict(prompt="p2", answers={"reference": "x y", "tuned": "x  y"}, rewards={}, score_with="tuned")]
+    out = differences_html(rows)
+    assert out.count('class="diff-row"') == 2 and "<b>p&lt;1&gt;</b>" in out
+    assert f"a {DEL}b</del> {INS}c</ins>" in out
+    assert "<b>p2</b></p><p><i>identical answers:</i> x y</p>" in out
+    assert "only in <b>reference</b>" in out and "only in <b>tuned</b>" in out
+
+
+def test_barely_moved_needs_a_small_margin_in_nats_and_a_small_kl():
+    # margin / beta below 0.1 nats: the toy run after 10 steps (0.0096 / 0.1 = 0.096), whose greedy answers
+    # equal the reference's; after 15 steps (0.0157 / 0.1 = 0.157) they differ
+    assert barely_moved({"rewards/margins": 0.0096, "kl": 0.0004, "beta": 0.1})
+    assert not barely_moved({"rewards/margins": 0.0157, "kl": 0.0005, "beta": 0.1})
+    assert barely_moved({"rewards/margins": -0.04, "kl": 0.001, "beta": 0.5})  # 0.08 nats
+    assert not barely_moved({"rewards/margins": 0.005, "kl": -0.2, "beta": 0.1})  # moved: both answers pushed down
+    assert barely_moved({"rewards/margins": 0.005})  # no beta: the default 0.1
+    assert not barely_moved({"loss": 1.2, "ppl": 3.3})  # SFT: no margin, nothing to say
+
+
+def test_movement_shows_final_kl_and_margin_beside_the_reference_and_the_note_when_barely_moved():
+    final = {"step": 10, "kl": 0.0004, "rewards/margins": 0.0096, "beta": 0.1,
+             "baseline": {"kl": 0.0, "rewards/margins": 0.0}}
+    line = movement("tuned", "runs/toy", final)
+    assert line.startswith("**tuned** (`runs/toy`), held out after 10 steps: ")
+    assert "KL to the reference **0.0004** nats/token (reference 0.0000)" in line
+    assert "reward margin **0.0096** (reference 0.0000)" in line and BARELY_MOVED in line
+    moved = movement("A", "runs/a", {**final, "rewards/margins": 0.74, "kl": -0.21})
+    assert "**0.7400**" in moved and BARELY_MOVED not in moved
+    assert "unknown" in movement("tuned", "exports/x", None)
+    assert "no KL or reward margin" in movement("tuned", "runs/sft", {"step": 3, "loss": 1.0})
+
+
+def test_conversation_takes_gradio_messages_and_the_template_renders_every_turn():
+    history = [{"role": "user", "content": [{"type": "text", "text": "hi"}], "metadata": None},
+               {"role": "assistant", "content": "hello"},
+               {"role": "user", "content": "more"}, {"role": "assistant", "content": ""}]  # a stopped reply
+    messages = conversation(history, "again")
+    assert messages == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                        {"role": "user", "content": "more"}, {"role": "user", "content": "again"}]
+    tok = AutoTokenizer.from_pretrained(BASE)
+    two = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+           {"role": "user", "content": "again"}]
+    text = "<|user|>hi<|end|><|assistant|>hello<|end|><|user|>again<|end|><|assistant|>"  # the toy's template
+    ids, dropped = prompt_ids(tok, two, window=None, max_new_tokens=48)
+    assert ids == tok(text, add_special_tokens=False)["input_ids"] and dropped == 0
+    last = tok("<|user|>again<|end|><|assistant|>", add_special_tokens=False)["input_ids"]
+    # the window keeps the newest turn: the oldest user turn and its reply go together, whole
+    assert prompt_ids(tok, two, window=len(ids) - 1 + 4, max_new_tokens=4) == (last, 2)
+    assert prompt_ids(tok, two, window=len(ids) + 4, max_new_tokens=4) == (ids, 0)
+    system = [{"role": "system", "content": "be brief"}, *two]
+    kept, dropped = prompt_ids(tok, system, window=2 * len(last) + 12, max_new_tokens=400)  # half the window: prompt
+    assert dropped == 2 and kept == tok("<|system|>be brief<|end|><|user|>again<|end|><|assistant|>",
+                                        add_special_tokens=False)["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def chat_run(ws):
+    """A toy run trained 30 steps (3 s): enough that greedy answers with the adapter on and off differ (from
+    about 15 steps; after 10 they are still identical)."""
+    out = ws.runs / "chat"
+    train(load_recipe(TOY, [f"output_dir={out}", "train.max_steps=30", "train.eval_every=null",
+                            "train.save_every=null", "eval.num_prompts=8", "eval.max_pairs=32"]))
+    return "runs/chat"
+
+
+def test_chat_streams_the_tuned_and_the_reference_answer_and_they_differ(ws, chat_run):
+    comparer = Comparer.load([str(ws.root / chat_run)])
+    greedy = Sampling(temperature=0.0, max_new_tokens=48)
+    answers = {}
+    for adapter in (True, False):
+        for prompt in CHAT_PROMPTS:
+            steps = list(stream_reply(comparer, conversation([], prompt), adapter, greedy))
+            assert len(steps) > 3 and all(steps[-1].startswith(s) for s in steps)  # streamed: the text grows
+            answers[adapter, prompt] = steps[-1]
+    assert all(answers.values())
+    assert any(answers[True, p] != answers[False, p] for p in CHAT_PROMPTS)
+    # a one-turn chat answers as the Compare tab does (same encoding, same sampling loop's settings)
+    rows = comparer.compare(CHAT_PROMPTS, greedy)
+    assert [(r.answers["tuned"], r.answers["reference"]) for r in rows] == [
+        (answers[True, p], answers[False, p]) for p in CHAT_PROMPTS]
+    follow = conversation([{"role": "user", "content": CHAT_PROMPTS[0]},
+                           {"role": "assistant", "content": answers[True, CHAT_PROMPTS[0]]}], CHAT_PROMPTS[1])
+    assert list(stream_reply(comparer, follow, True, greedy))[-1].strip()
+    # a stream closed early (the page cleared) stops generate() and frees the model
+    stream = stream_reply(comparer, conversation([], CHAT_PROMPTS[0]), True, Sampling(max_new_tokens=1000))
+    next(stream)
+    stream.close()
+    again = list(stream_reply(comparer, conversation([], CHAT_PROMPTS[0]), True, greedy))[-1]
+    assert again == answers[True, CHAT_PROMPTS[0]]
+
+
+def test_chat_tab_keeps_the_model_loaded_and_refuses_paths_outside_the_workspace(ws, chat_run):
+    compare = CompareTab(ws)
+    tab = ChatTab(compare)
+    *_, (chat, box, note) = tab.respond(chat_run, True, [], CHAT_PROMPTS[0], 0, 1, 48, 0)
+    assert [m["role"] for m in chat] == ["user", "assistant"] and chat[1]["content"] and box == ""
+    assert note.startswith("answered by: **tuned (adapter on)**, base **toy**")
+    loaded = compare.comparer(chat_run, "(none)")
+    *_, (chat2, _, note2) = tab.respond(chat_run, False, chat, CHAT_PROMPTS[1], 0, 1, 48, 0)
+    assert compare.comparer(chat_run, "(none)") is loaded  # loaded once, kept
+    assert [m["role"] for m in chat2] == ["user", "assistant", "user", "assistant"] and "reference" in note2
+    with pytest.raises(gr.Error, match="is not inside the app's folders"):
+        list(tab.respond("/etc", True, [], "hi", 0, 1, 48, 0))
+    with pytest.raises(gr.Error, match="type a message"):
+        list(tab.respond(chat_run, True, [], "  ", 0, 1, 48, 0))
+    summary, diff = compare.details(chat_run, "(none)", [], False)
+    final = yaml.safe_load((ws.runs / "chat" / "eval.json").read_text())
+    assert f"reward margin **{final['rewards/margins']:.4f}**" in summary and BARELY_MOVED not in summary
+    assert diff["visible"] is False
+
+
+# ------------------------------------------------------------------------------------ Stop, in all its levels
+import signal  # noqa: E402
+import sys  # noqa: E402
+
+from lora_dpo_app.jobs import JobManager, train_command  # noqa: E402
+from lora_dpo_app.train_tab import _outcome, _progress_html  # noqa: E402
+
+EARLY_STOP = "lora-dpo: stopped before training began: nothing was trained, no checkpoint written; start again to train"
+# fake trainers: one deaf to SIGINT, one that ends on the second (the trainer's "stop at once"), as exit code 130
+DEAF = "import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); print('ready', flush=True); time.sleep(600)"
+ANSWERS_THE_SECOND = ("import signal, sys, time\n"
+                      "def at_once(*_): print('stopped at once', flush=True); sys.exit(130)\n"
+                      "signal.signal(signal.SIGINT, lambda *_: signal.signal(signal.SIGINT, at_once))\n"
+                      "print('ready', flush=True); time.sleep(600)")
+
+
+def until(condition, timeout=120):
+    """Wait for `condition()`; `timeout` only guards a hang."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def fake_job(jobs, run_dir: Path, script: str):
+    job = jobs.start([sys.executable, "-c", script], run_dir, run_dir.parent)
+    until(lambda: "ready" in job.progress().log_tail)
+    return job
+
+
+def test_stop_while_preparing_ends_a_trainer_started_with_sigint_ignored(ws):
+    jobs = JobManager()
+    inherited = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the app started in the background by a shell
+    try:
+        job = jobs.start(train_command("recipes/long.yaml", ["output_dir=runs/prep-stop"]), ws.runs / "prep-stop",
+                         ws.root)
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+    until(lambda: "loading PyTorch" in job.progress().log_tail or not job.running())
+    assert jobs.stop().startswith("stopping safely: the trainer finishes this step")
+    job.proc.wait(120)  # a hang guard: it ends within seconds, not after the 60 s grace period
+    p = job.progress()
+    assert p.returncode == 130 and p.state == "stopped" and p.stop_kind == "safe" and p.checkpoint is None, p.log_tail
+    assert p.log_tail.strip().splitlines()[-1] == EARLY_STOP and "Traceback" not in p.log_tail
+    assert _outcome(p).startswith("**stopped** before training began: nothing was trained")
+    assert "data-state='stopped'" in _progress_html(p)
+
+
+def test_stop_escalates_to_at_once_then_kill_when_the_trainer_does_not_answer(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-4" / "adapter").mkdir(parents=True)  # an earlier job's checkpoint
+    (run / "checkpoints" / "step-4" / "trainer_state.json").write_text("{}")
+    jobs = JobManager(grace_s=1)
+    job = fake_job(jobs, run, DEAF)
+    message = jobs.stop()
+    assert message.startswith("stopping safely") and "if it has not stopped in 1 s it is stopped at once" in message
+    p = job.progress()
+    assert p.stop_kind == "safe" and p.state in ("starting", "running") and "stopping safely" in _progress_html(p)
+    until(lambda: job.stop_kind == "at once")  # nobody clicked: the grace period ran out
+    assert job.running() and "stopping at once" in _progress_html(job.progress())
+    until(lambda: not job.running())
+    p = job.progress()
+    assert (p.state, p.stop_kind, p.stop_by, p.returncode) == ("stopped", "killed", "grace", -signal.SIGKILL)
+    assert _outcome(p) == ("**killed**: the trainer did not answer Stop within 1 s of the stop at once; no "
+                           "checkpoint of this step (the newest is `step-4`: tick *resume* and start again to "
+                           "continue from it)")
+    assert jobs.stop() == "no training job is running"
+
+
+def test_each_click_of_stop_escalates_at_once_but_a_double_click_is_one(tmp_path):
+    jobs = JobManager(grace_s=600)
+    job = fake_job(jobs, tmp_path / "double", DEAF)
+    assert jobs.stop().startswith("stopping safely")
+    assert jobs.stop().startswith("already stopping safely")  # within DOUBLE_CLICK_S: the same click
+    assert job.stop_kind == "safe"
+    job.kill()
+
+    jobs = JobManager(grace_s=600, double_click_s=0)
+    job = fake_job(jobs, tmp_path / "second", ANSWERS_THE_SECOND)
+    assert jobs.stop().startswith("stopping safely")
+    assert jobs.stop().startswith("stopping at once: the step in flight is not saved")
+    until(lambda: not job.running())
+    p = job.progress()
+    assert (p.state, p.stop_kind, p.stop_by, p.returncode) == ("stopped", "at once", "click", 130)
+    assert _outcome(p) == ("**stopped at once** on a second Stop: no checkpoint of this step (there is none to "
+                           "resume from: start again)")
+
+    job = fake_job(jobs, tmp_path / "third", DEAF)
+    jobs.stop(), jobs.stop()
+    assert jobs.stop().startswith("killed the trainer")
+    p = job.progress()
+    assert (p.state, p.stop_kind, p.returncode) == ("stopped", "killed", -signal.SIGKILL)
+    assert _outcome(p).startswith("**killed**: Stop clicked a third time")
