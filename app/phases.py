@@ -23,9 +23,11 @@ from html import escape
 def phases_html(phases: list[dict], now: float, *, live: bool = True) -> str:
     """`phases` as `read_phases` gives them (oldest first), `now` the unix time a running phase is measured to.
     The current phase is the innermost one still open (the last started that has not ended: an evaluation inside
-    training); a finished phase shows its duration, an open one the time since it started. `live=False` (the job
+    training); a finished phase shows its duration, an open one the time since it started; a phase that recurs
+    (evaluation, saving a checkpoint) is one line with its count and its time in all. `live=False` (the job
     has ended): a phase still open was cut short by a failure or a stop, data-state 'stopped'."""
-    items, current = [], None
+    current = None
+    groups: dict[str, dict] = {}  # a phase that recurs (evaluation, saving a checkpoint) is one line: count, time
     for entry in phases:
         name = str(entry.get("name", ""))
         started, ended = _number(entry.get("started")), _number(entry.get("ended"))
@@ -33,9 +35,18 @@ def phases_html(phases: list[dict], now: float, *, live: bool = True) -> str:
         seconds = max(0.0, (ended if ended is not None else now) - started) if started is not None else None
         if state != "done":
             current = (entry, seconds)
-        timed = "" if seconds is None else f" data-seconds='{seconds:.1f}'"
-        items.append(f"<li data-phase='{_attr(name)}' data-state='{state}'{timed}>{escape(name)} "
-                     f"<span class='phase-time'>{_duration(seconds)}</span></li>")
+        group = groups.setdefault(name, {"count": 0, "seconds": None, "state": "done"})
+        group["count"] += 1
+        if seconds is not None:
+            group["seconds"] = (group["seconds"] or 0.0) + seconds
+        if state != "done":
+            group["state"] = state
+    items = []
+    for name, g in groups.items():
+        timed = "" if g["seconds"] is None else f" data-seconds='{g['seconds']:.1f}'"
+        times = f" ×{g['count']}" if g["count"] > 1 else ""
+        items.append(f"<li data-phase='{_attr(name)}' data-state='{g['state']}' data-count='{g['count']}'{timed}>"
+                     f"{escape(name)}{times} <span class='phase-time'>{_duration(g['seconds'])}</span></li>")
     return (f"<div id='phases' data-current='{_attr(current[0].get('name', '')) if current else ''}'>"
             f"{_current(current, live, bool(phases))}<ol id='phase-list'>{''.join(items)}</ol></div>")
 

@@ -23,6 +23,10 @@ from .workspace import Workspace
 COLUMNS = ["point", "step", "reward", "KL", "accuracy", "margin", "frontier"]
 
 
+def _round(value):
+    return None if value is None else round(float(value), 4)
+
+
 class SweepTab:
     def __init__(self, ws: Workspace, jobs: JobManager):
         self.ws, self.jobs = ws, jobs
@@ -67,9 +71,10 @@ class SweepTab:
             return [None, None, "no sweep started from this page yet", ""]
         record = read_sweep(folder) or {}
         front = record.get("frontier") or {}
-        rows = [[p["name"], p["step"], p["reward"], p["kl"], p["accuracy"], p["margin"], "*" if p["pareto"] else ""]
+        rows = [[p["name"], p["step"], *map(_round, (p["reward"], p["kl"], p["accuracy"], p["margin"])),
+                 "*" if p["pareto"] else ""]
                 for p in sorted(front.get("finals", []), key=lambda p: (p["kl"] is None, p["kl"] or 0))]
-        rows = [["reference", 0, front.get("reference_reward"), 0.0, None, None, ""]] + rows if rows else []
+        rows = [["reference", 0, _round(front.get("reference_reward")), 0.0, None, None, ""]] + rows if rows else []
         png = folder / FRONTIER_PNG
         state = "running" if job is not None and job.running() and job.run_dir == folder else "idle"
         done = len(front.get("finals", []))

@@ -116,7 +116,7 @@ def chat(page, message: str = "write a review of the night river .", timeout_ms:
     return page.locator("#chat [data-testid=bot]").last.inner_text()
 
 
-def sweep(page, grid: str = "loss.beta=0.1,1.0", changes: str = "train.max_steps=40\ntrain.eval_every=20",
+def sweep(page, grid: str = "loss.beta=0.03,0.3,3.0", changes: str = "train.max_steps=100\ntrain.eval_every=25",
           timeout_ms: int = 900_000) -> str:
     """Open Sweep, start a small grid on the chosen recipe, wait until every point is drawn; the status text."""
     page.get_by_role("tab", name="Sweep").click()

@@ -19,7 +19,8 @@ RUNNING = [entry("tokenising data", 100.0, 100.4, 64, 64, "row", "tokenising toy
 
 
 def states(html):
-    return re.findall(r"<li data-phase='([^']*)' data-state='(\w+)'(?: data-seconds='([\d.]+)')?", html)
+    return re.findall(r"<li data-phase='([^']*)' data-state='(\w+)' data-count='\d+'(?: data-seconds='([\d.]+)')?",
+                      html)
 
 
 def test_the_current_phase_is_the_innermost_open_one_with_its_progress():
@@ -37,6 +38,14 @@ def test_every_phase_is_listed_with_its_duration_or_the_time_since_it_started():
                             ("evaluation", "running", "12.0")]
     times = re.findall(r"<span class='phase-time'>([^<]*)</span>", html)
     assert times == ["&lt;1 s", "3 s", "2 min 06 s", "1 min 12 s", "12 s"]
+
+
+def test_a_phase_that_recurs_is_one_line_with_its_count_and_time_in_all():
+    evaluations = [entry("training", 0.0, 100.0, 30, 30, "step"),
+                   *[entry("evaluation", 10.0 * k, 10.0 * k + 1.5, 7, 7, "batch") for k in range(1, 5)]]
+    html = phases_html(evaluations, now=200.0)
+    assert states(html) == [("training", "done", "100.0"), ("evaluation", "done", "6.0")]
+    assert "<li data-phase='evaluation' data-state='done' data-count='4' data-seconds='6.0'>evaluation ×4 " in html
 
 
 def test_a_phase_without_a_total_shows_no_bar_and_no_zero_count():
