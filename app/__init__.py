@@ -6,6 +6,7 @@
     jobs.py          one training job at a time, as a `lora-dpo train` subprocess; its progress from the run dir
     train_tab.py     recipe fields (resume filled from the run itself), command preview, Start/Stop, data preview,
                      save as recipe, progress bar, the run's phases, live plots, log, final metrics
+    runs.py          the finished runs as the tabs offer them
     phases.py        the phases of a run (lora_dpo.run.read_phases) as the page shows them; pure HTML
     sweep_tab.py     a beta sweep as a `lora-dpo sweep` job, its frontier drawn as points finish (lora_dpo.sweep)
     compare_tab.py   reference vs tuned (or A vs B) answers with implicit rewards (lora_dpo.compare), how far the

@@ -23,6 +23,7 @@ from lora_dpo.model.sampling import eval_mode
 from lora_dpo.run import resolve_source
 
 from .compare_tab import BARELY_MOVED, NONE, CompareTab, barely_moved
+from .runs import refreshed, run_dropdown
 
 ROLES = ("system", "user", "assistant")
 
@@ -168,14 +169,11 @@ class ChatTab:
 
     def refresh(self, current: str | None):
         """The finished runs as choices; the newest when none is chosen."""
-        runs = self.ws.finished_runs()
-        return gr.update(choices=runs, value=current or (runs[-1] if runs else None))
+        return refreshed(self.ws, current)
 
     def build(self) -> None:
-        runs = self.ws.finished_runs()
         with gr.Row():
-            self.source = gr.Dropdown(choices=runs, value=runs[-1] if runs else None, allow_custom_value=True,
-                                      label="a finished run, or an adapter folder", elem_id="chat-adapter")
+            self.source = run_dropdown(self.ws, "a finished run, or an adapter folder", "chat-adapter")
             adapter_on = gr.Checkbox(value=True, label="adapter on (off: the reference model)",
                                      elem_id="chat-adapter-on")
         chatbot = gr.Chatbot(label="conversation", elem_id="chat", height=360, feedback_options=None)

@@ -17,6 +17,7 @@ from lora_dpo.compare.comparer import DEFAULT_BETA
 from lora_dpo.errors import UserError
 from lora_dpo.run import resolve_source
 
+from .runs import refreshed
 from .workspace import Workspace
 
 NONE = "(none)"
@@ -95,8 +96,7 @@ class CompareTab:
     def refresh(self, current: str | None):
         """The finished runs as choices (a run that finished since the page loaded appears); A defaults to
         the newest."""
-        runs = self.ws.finished_runs()
-        return gr.update(choices=runs, value=current or (runs[-1] if runs else None)), gr.update(choices=[NONE, *runs])
+        return refreshed(self.ws, current), gr.update(choices=[NONE, *self.ws.finished_runs()])
 
     def select(self, rows: list[dict], evt: gr.SelectData):
         if not rows:

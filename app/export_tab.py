@@ -14,6 +14,7 @@ import gradio as gr
 from lora_dpo.errors import UserError, first_line
 from lora_dpo.export import DTYPES, check_repo_id, export, push, scrub
 
+from .runs import refreshed, run_dropdown
 from .workspace import Workspace
 
 
@@ -45,14 +46,11 @@ class ExportTab:
         return "\n".join(text), ""
 
     def refresh(self, current: str | None):
-        runs = self.ws.finished_runs()
-        return gr.update(choices=runs, value=current or (runs[-1] if runs else None))
+        return refreshed(self.ws, current)
 
     def build(self) -> None:
-        runs = self.ws.finished_runs()
         with gr.Row():
-            run = gr.Dropdown(choices=runs, value=runs[-1] if runs else None, allow_custom_value=True,
-                              label="finished run (or a run folder inside runs/)", elem_id="export-run")
+            run = run_dropdown(self.ws, "finished run (or a run folder inside runs/)", "export-run")
             out = gr.Textbox(label="output folder (inside exports/)", placeholder="exports/<run name>",
                              elem_id="export-out")
             overwrite = gr.Checkbox(label="replace the output folder if it exists")

@@ -4,24 +4,12 @@ import json
 import subprocess
 import sys
 
-import pytest
 
 
 def run_cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "lora_dpo", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, timeout=300, env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                                                      "PATH": "/usr/bin:/bin"})
-
-
-@pytest.fixture
-def recipe(tmp_path, tiny_llama):
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("\n".join(json.dumps({"prompt": f"q{i}", "chosen": "good answer", "rejected": "bad"})
-                              for i in range(6)))
-    path = tmp_path / "r.yaml"
-    path.write_text(f"output_dir: {tmp_path / 'run'}\nmodel:\n  name: {tiny_llama}\ndata:\n  train: {data}\n"
-                    "  max_length: 24\n  eval_fraction: 0.3\ntrain:\n  max_steps: 2\n  batch_size: 2\n")
-    return path
 
 
 def assert_user_error(result, *fragments):

@@ -2,7 +2,6 @@
 it inherited (a shell's background job starts with SIGINT ignored), it ends within seconds with exit code 130 and
 one line, never a traceback, and writes no checkpoint."""
 
-import json
 import signal
 import subprocess
 import sys
@@ -12,24 +11,13 @@ import pytest
 EARLY = "lora-dpo: stopped before training began: nothing was trained, no checkpoint written; start again to train"
 
 
-@pytest.fixture
-def recipe(tmp_path, tiny_llama):
-    data = tmp_path / "pairs.jsonl"
-    data.write_text("\n".join(json.dumps({"prompt": f"q{i}", "chosen": "good answer", "rejected": "bad"})
-                              for i in range(6)))
-    path = tmp_path / "r.yaml"
-    path.write_text(f"output_dir: {tmp_path / 'run'}\nmodel:\n  name: {tiny_llama}\ndata:\n  train: {data}\n"
-                    "  max_length: 24\n  eval_fraction: 0.3\ntrain:\n  max_steps: 200\n  batch_size: 2\n")
-    return path
-
-
 def ignore_sigint():
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # as `lora-dpo app &` leaves it to the trainer it starts
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_trainer_that_inherited_sigint_ignored_stops_while_preparing_with_one_line(recipe, tmp_path, sig):
-    proc = subprocess.Popen([sys.executable, "-m", "lora_dpo", "train", str(recipe)], stdin=subprocess.DEVNULL,
+def test_a_trainer_that_inherited_sigint_ignored_stops_while_preparing_with_one_line(long_recipe, tmp_path, sig):
+    proc = subprocess.Popen([sys.executable, "-m", "lora_dpo", "train", str(long_recipe)], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=ignore_sigint,
                             env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PATH": "/usr/bin:/bin",
                                  "PYTHONUNBUFFERED": "1"})
