@@ -5,8 +5,9 @@ session so a crash or a Ctrl-C in the app's terminal does not reach it, and read
 metrics.jsonl and eval.json.
 
 Stop escalates, so that it always stops. First a SIGINT: the trainer's safe stop (it finishes the step, writes a
-checkpoint and exits 130; while it prepares, before any step, it ends at once). If the trainer still runs a grace
-period later, a second SIGINT: the trainer's stop at once (no checkpoint of the step in flight). A grace period
+checkpoint and exits 130; while it prepares, before any step, it ends at once). If the trainer then shows no sign
+of life (its log, metrics or progress.json written) for a grace period, a second SIGINT: the trainer's stop at once
+(no checkpoint of the step in flight); a long evaluation or checkpoint still writing is waited for. A grace period
 after that, SIGKILL to its process group. A timer thread escalates whether or not the page is open; Stop clicked
 again escalates at once (a click within DOUBLE_CLICK_S of the last counts as the same click).
 """
@@ -77,6 +78,7 @@ class TrainingJob:
         self.stop_kind: Optional[str] = None  # the last level of Stop sent (STOP_KINDS)
         self.stop_by: Optional[str] = None  # "click" or "grace"
         self._stop_sent = 0.0  # time.monotonic() when it was sent
+        self._stop_sent_at = 0.0  # the same, as unix time (to compare with file times)
         self._stop_lock = threading.Lock()  # a click and the escalation timer, one at a time
         self.ended: Optional[float] = None
 
@@ -107,11 +109,12 @@ class TrainingJob:
                 return None
             if by == "click" and self.stop_kind and time.monotonic() - self._stop_sent < self.double_click_s:
                 return None
-            if unanswered and (self.stop_kind != unanswered or time.monotonic() < self._stop_sent + self.grace_s):
+            if unanswered and (self.stop_kind != unanswered or time.time() < self._deadline()):
                 return None
             kind = STOP_KINDS[STOP_KINDS.index(self.stop_kind) + 1] if self.stop_kind else "safe"
             first = self.stop_kind is None
             self.stop_kind, self.stop_by, self._stop_sent = kind, by, time.monotonic()
+            self._stop_sent_at = time.time()
             if kind == "killed":
                 self.kill()
             else:
@@ -123,7 +126,7 @@ class TrainingJob:
     def _escalate(self) -> None:
         """The timer: the next level of Stop whenever the last one went unanswered for `grace_s`."""
         while self.running() and self.stop_kind != "killed":
-            kind, due = self.stop_kind, self._stop_sent + self.grace_s - time.monotonic()
+            kind, due = self.stop_kind, self._deadline() - time.time()
             if due <= 0:
                 self.stop(by="grace", unanswered=kind)  # (checked again under the lock: a click may have come)
             else:
@@ -133,7 +136,21 @@ class TrainingJob:
         """Seconds until the timer sends the next level of Stop; None when none is due."""
         if self.stop_kind in (None, "killed") or not self.running():
             return None
-        return max(0.0, self._stop_sent + self.grace_s - time.monotonic())
+        return max(0.0, self._deadline() - time.time())
+
+    def _deadline(self) -> float:
+        """When the timer sends the next level (unix time): `grace_s` after the last level was sent; for the safe
+        stop, `grace_s` after the trainer's last sign of life (its log, metrics or progress.json written), so a long
+        evaluation or checkpoint still under way is waited for, and only a trainer that has gone silent is hurried."""
+        start = self._stop_sent_at
+        if self.stop_kind == "safe":
+            run = RunDir(self.run_dir)
+            for path in (self.log_path, run.metrics, run.progress):
+                try:
+                    start = max(start, path.stat().st_mtime)
+                except OSError:
+                    pass
+        return start + self.grace_s
 
     def kill(self) -> None:
         if self.running():
@@ -246,6 +263,8 @@ class JobManager:
                     f"trainer has not stopped in {grace} it is killed; click Stop again to kill it now")
         if kind == "killed":
             return "killed the trainer and what it started: the step in flight is not saved"
+        if not job.running():  # it ended between the check above and the signal
+            return "no training job is running"
         if job.stop_kind == "killed":
             return "already killed: the trainer is ending"
         return (f"already stopping {'safely' if job.stop_kind == 'safe' else 'at once'} (that click came within "

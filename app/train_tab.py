@@ -335,6 +335,8 @@ class TrainTab:
         shown = gr.State(None)
 
         recipe.change(self.load_fields, recipe, fields, api_name="load_recipe")
+        # another recipe is another start: every field open again (resume had locked some)
+        recipe.change(lambda: [gr.update(interactive=True)] * len(fields), None, fields, api_visibility="private")
         for i, c in enumerate([recipe, *fields]):
             c.change(self.preview, [recipe, *fields], command, show_progress="hidden",
                      **(dict(api_name="preview") if i == 0 else dict(api_visibility="private")))
@@ -416,6 +418,8 @@ def _outcome(p: Progress) -> str:
             return f"**stopped at once** {when}: no checkpoint of this step ({newest})"
         if p.checkpoint:
             return f"**stopped safely**: checkpoint `{p.checkpoint}` saved; tick *resume* and start again to continue"
+        if p.newest_checkpoint:  # a resumed run stopped while it prepared: its checkpoints are still there
+            return (f"**stopped** before training began: nothing more was trained; {newest}")
         return "**stopped** before training began: nothing was trained, no checkpoint written; start again to train"
     if p.state == "failed":
         return f"**failed**: {p.error}"

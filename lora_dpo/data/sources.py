@@ -152,7 +152,7 @@ def map_columns(rows: "datasets.Dataset", columns: dict[str, str], label: str, r
                         f"{', '.join(rows.column_names)}")
     if missing:
         return rows
-    replaced = [ours for ours in columns if ours in have and ours not in renames]
+    replaced = [ours for ours, theirs in columns.items() if theirs != ours and ours in have and ours not in renames]
     return rows.remove_columns(replaced).rename_columns(renames)
 
 

@@ -90,9 +90,11 @@ def convert(merged: Path, out_file: Path, gguf_type: str, script_dir: Path, log=
     tail: collections.deque = collections.deque(maxlen=30)
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
         for line in proc.stdout:  # one line per tensor and the chat template: kept for an error; shown: its warnings,
-            tail.append(line.rstrip())  # its writing progress and its last word
-            if line.startswith(("WARNING", "ERROR", "Writing")) or "successfully exported" in line:
-                sys.stderr.write(line.split("\r")[-1])
+            tail.append(line.rstrip())  # its finished writing bar and its last word
+            # (its bar's redraws arrive as lines: text mode reads tqdm's carriage returns as newlines)
+            writing = line.startswith("Writing") and "100%" in line
+            if line.startswith(("WARNING", "ERROR")) or writing or "successfully exported" in line:
+                sys.stderr.write(line)
                 sys.stderr.flush()
     if proc.returncode != 0 or not out_file.is_file():
         why = next((line for line in reversed(tail) if line.strip() and not line.startswith(" ")), "no output")

@@ -201,7 +201,9 @@ def _export_merged(src, out, base_id, repo, dtype, device, max_shard_size, toler
             checked = check_gguf(tmp, file, gguf, dtype, sequences, verification.saved_logps,
                                  verification.bare_logps, device, log)
             if not checked.passed:
-                raise UserError(f"GGUF check failed: {checked.summary()}. Nothing was written to {out}")
+                hint = ("" if checked.lossless else f"; {checked.gguf_type} rounding moves the log-probs more than the "
+                        "adapter does: --gguf bf16 keeps the merge exactly, or train the adapter further")
+                raise UserError(f"GGUF check failed: {checked.summary()}. Nothing was written to {out}{hint}")
             if checked.rounding_exceeds_adapter:
                 log(f"warning: {gguf} rounding moves some log-probs more than the adapter does "
                     f"({checked.max_diff:.2e} vs {checked.adapter_max:.2e} nats); --gguf bf16 keeps the merge exactly")

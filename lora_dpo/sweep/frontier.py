@@ -109,34 +109,37 @@ def frontier_of(runs: list[tuple[str, Path]]) -> Frontier:
     if reward_key == "rewards/accuracies" and reference is None and finished:
         reference = 0.0  # the reference's rewards are 0 by definition: no pair is ranked right by a margin
     front = Frontier(reward_key, kl_key, reference, finals, along, pending)
-    mark_pareto(front.finals)
+    mark_pareto(front.finals, reference)
     front.recommended, front.why = recommend(front)
     return front
 
 
-def mark_pareto(points: list[Point]) -> None:
-    """Mark the points no other point dominates (at most its KL and at least its reward, one of them strictly)."""
+def mark_pareto(points: list[Point], reference: Optional[float] = None) -> None:
+    """Mark the points no other point dominates (at most its KL and at least its reward, one of them strictly); the
+    reference, at KL 0 with reward `reference`, dominates too (a run worse than it is on no frontier)."""
     usable = [p for p in points if p.reward is not None and p.kl is not None]
+    others = usable + ([Point("reference", 0, reference, 0.0)] if reference is not None else [])
     for p in usable:
         p.pareto = not any(q is not p and q.kl <= p.kl and q.reward >= p.reward and (q.kl < p.kl or q.reward > p.reward)
-                           for q in usable)
+                           for q in others)
 
 
 def recommend(front: Frontier) -> tuple[Optional[str], str]:
     """The grid point to use, and why in one line (see KNEE)."""
     candidates = [p for p in front.finals if p.pareto]
-    if not candidates:
+    measured = [p for p in front.finals if p.reward is not None and p.kl is not None]
+    if not measured:
         return None, "no run has finished with both a reward and a KL yet" if front.pending or not front.finals else \
             "no run measured both a reward and a KL"
-    best = max(candidates, key=lambda p: p.reward)
     ref = front.reference_reward if front.reference_reward is not None else 0.0
+    best = max(candidates or measured, key=lambda p: p.reward)
     gain = best.reward - ref
     label = front.reward_label
-    if gain <= 0:
+    if gain <= 0 or not candidates:
         return None, (f"no point improved on the reference's {label} ({ref:.3f}): the runs are too short or too "
                       "gentle to tell the values apart; train longer or raise train.lr before choosing beta")
     knee = min((p for p in candidates if p.reward - ref >= KNEE * gain), key=lambda p: p.kl)
-    if knee is best:
+    if knee is best or best.kl <= 0:  # (the dataset's `kl` is a signed mean: no share of it to speak of)
         return best.name, (f"{best.name}: the highest {label} on the frontier, {best.reward:.3f} (reference "
                            f"{ref:.3f}), at a KL of {best.kl:.3f} nats per token")
     return knee.name, (f"{knee.name}: {(knee.reward - ref) / gain:.0%} of the best gain in {label} "

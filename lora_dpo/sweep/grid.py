@@ -57,9 +57,8 @@ def parse_grid(specs: list[str]) -> Grid:
         if key not in keys or "." not in key:
             raise ConfigError(f"--grid {spec}: {key} is not a recipe key (lora-dpo's keys are section.key, e.g. "
                               "loss.beta, train.lr, loss.name)")
-        if key in ("output_dir", "resume", "overwrite") or any(k == key for k, _ in axes):
-            raise ConfigError(f"--grid {spec}: {key} cannot be swept" if "." not in key else
-                              f"--grid {spec}: {key} is given twice; put all its values in one --grid")
+        if any(k == key for k, _ in axes):
+            raise ConfigError(f"--grid {spec}: {key} is given twice; put all its values in one --grid")
         values = tuple(value for _, value in parse_overrides([f"{key}={v.strip()}" for v in raw.split(",")]))
         if len(set(map(_text, values))) != len(values):
             raise ConfigError(f"--grid {spec}: a value is repeated")

@@ -5,8 +5,8 @@
 The reference log-probs do not depend on the loss's beta, so they are computed once: the points share the
 reference cache (training/refcache.py; a recipe with `train.reference_cache: null` gets one inside the sweep folder)
 and the second point on reads the first one's tables. A killed sweep, run again with the same command, skips the
-points that finished, resumes the one that has a checkpoint, and trains the rest; a finished point whose recipe is
-not the sweep's is refused by name, as a resume is.
+points that finished, resumes the one that has a checkpoint, and trains the rest; a run in a point's folder whose
+recipe is not the sweep's (its length included) is refused by name.
 """
 
 from __future__ import annotations
@@ -15,13 +15,12 @@ import json
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..config import Recipe, load_recipe
+from ..config import Recipe, flat, load_recipe, to_dict
 from ..errors import ConfigError
 from ..progress import say
 from ..run.rundir import RunDir, atomic_text
 from ..training.distributed import is_main_process
 from ..training.loop import train
-from ..training.resume import check_same_recipe
 from .frontier import Frontier, draw, frontier_of
 from .grid import Grid
 
@@ -55,10 +54,25 @@ def plan(recipe_path: str, overrides: list[str], grid: Grid, folder: Path) -> li
             recipe = load_recipe(recipe_path, [*keys, *control])
         except ConfigError as exc:
             raise ConfigError(f"sweep point {name}: {exc}") from None
-        if state == "done":
-            check_same_recipe(recipe, run.config)  # a finished run of another recipe is not this point's
+        if state != "new":
+            _check_same_point(recipe, run, name)
         out.append((name, recipe, state))
     return out
+
+
+# what may differ between a point and the run already in its folder: where it is, and how it is started
+_MAY_DIFFER = {"output_dir", "resume", "overwrite", "train.reference_cache"}
+
+
+def _check_same_point(recipe: Recipe, run: RunDir, name: str) -> None:
+    """A run already in a point's folder is that point's only when it trains the same way, length included (a
+    resume may change train.max_steps; a frontier of runs of different lengths would compare nothing)."""
+    saved, now = flat(to_dict(load_recipe(run.config))), flat(to_dict(recipe))
+    changed = sorted(k for k in now if now[k] != saved.get(k) and k not in _MAY_DIFFER)
+    if changed:
+        raise ConfigError(f"sweep point {name}: {run.path} holds a run whose recipe differs in {', '.join(changed)}; "
+                          "a sweep compares runs trained the same way: give this sweep another --out, or remove "
+                          "that run")
 
 
 def run_sweep(recipe_path: str, overrides: list[str], grid: Grid, out: Optional[str] = None,

@@ -6,6 +6,7 @@ and a resumed run's state or a fresh run's record.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from ..model.tiling import tile_mlps
 from ..model.wrapped import PolicyLogps, policy_of
 from ..progress import phase, record_to
 from ..run.checkpoint import SHARDED_OPTIMIZER, TrainerState, find_resume_checkpoint, load_checkpoint
-from ..run.rundir import ADAPTER_DIR, RunDir, run_info
+from ..run.rundir import ADAPTER_DIR, STATE_FILE, RunDir, run_info
 from .distributed import configure_deepspeed, is_sharded, load_sharded_optimizer, log, wants_cpu
 from .resume import check_same_global_batch, check_same_recipe
 from .trackers import check_trackers, init_kwargs, project_name
@@ -284,7 +285,7 @@ def setup(recipe: Recipe) -> Setup:
     _notice_beta(recipe)
     model, optimizer, scheduler = accelerator.prepare(PolicyLogps(policy), optimizer, scheduler)
     if resume_from is not None and is_sharded(accelerator):
-        _restore_sharded_optimizer(accelerator, model, optimizer, resume_from, state)
+        _restore_sharded_optimizer(accelerator, model, optimizer, resume_from)
     policy = policy_of(model)
     _place(recipe, run, accelerator, policy, method, rounds[round_idx])
     if t.report_to:
@@ -304,8 +305,7 @@ def _notice_engine_not_used(accelerator: Accelerator) -> None:
                 f"{accelerator.distributed_type.value} here instead, each process holding the whole model")
 
 
-def _restore_sharded_optimizer(accelerator: Accelerator, model, optimizer, checkpoint: Path,
-                               state: TrainerState) -> None:
+def _restore_sharded_optimizer(accelerator: Accelerator, model, optimizer, checkpoint: Path) -> None:
     """Under FSDP / ZeRO-3, the optimizer state every process wrote into the checkpoint, restored through the engine
     once it has wrapped model and optimizer (a checkpoint of an earlier lora-dpo has none: the moments restart)."""
     folder = checkpoint / SHARDED_OPTIMIZER
@@ -313,9 +313,10 @@ def _restore_sharded_optimizer(accelerator: Accelerator, model, optimizer, check
         log(f"notice: {checkpoint} holds no sharded optimizer state (written by an earlier lora-dpo); the optimizer's "
             "moments start afresh")
         return
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and state.processes != accelerator.num_processes:
-        raise ConfigError(f"resume: {checkpoint} was written by {state.processes} processes under DeepSpeed ZeRO-3, "
-                          f"whose optimizer state is one partition per process; resume it on {state.processes} "
+    written_by = json.loads((checkpoint / STATE_FILE).read_text()).get("processes", 1)  # (the loop's state says ours)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and written_by != accelerator.num_processes:
+        raise ConfigError(f"resume: {checkpoint} was written by {written_by} processes under DeepSpeed ZeRO-3, "
+                          f"whose optimizer state is one partition per process; resume it on {written_by} "
                           f"processes (here: {accelerator.num_processes})")
     load_sharded_optimizer(accelerator, model, optimizer, folder)
     log(f"restored the sharded optimizer state of {checkpoint}")

@@ -67,7 +67,8 @@ def restore_signals(handlers: dict) -> None:
 class StopRequest:
     """Context manager for a whole run. While `training` is False (the run prepares) SIGINT/SIGTERM raise
     `StoppedEarly` at once; once the loop sets it, the first becomes a flag the loop polls between steps (finish
-    the step, checkpoint, exit 130) and a second raises KeyboardInterrupt (stop at once, no checkpoint)."""
+    the step, checkpoint, exit 130) and a second SIGINT raises KeyboardInterrupt (stop at once, no checkpoint); a
+    SIGTERM after the first is ignored (launchers forward the user's Ctrl-C to their workers as SIGTERM)."""
 
     def __init__(self):
         self.requested: str | None = None
@@ -103,7 +104,10 @@ class StopRequest:
             self.requested = name  # (the loop checks it before the first step, should a library swallow the raise)
             raise StoppedEarly(name)
         if self.requested:
-            raise KeyboardInterrupt  # the second Ctrl-C (or SIGTERM): stop now, without a checkpoint
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt  # the second Ctrl-C: stop now, without a checkpoint
+            return  # a SIGTERM after a stop was asked is the launcher passing the user's Ctrl-C on (accelerate
+            # launch, torchrun): the safe stop under way is what the user asked for
         self.requested = name
         print(f"\n{name}: finishing this step, saving a checkpoint, then stopping "
               "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)

@@ -512,6 +512,25 @@ def test_stop_escalates_to_at_once_then_kill_when_the_trainer_does_not_answer(tm
     assert jobs.stop() == "no training job is running"
 
 
+def test_a_safe_stop_waits_while_the_trainer_shows_signs_of_life(tmp_path):
+    """The grace period of the safe stop runs from the trainer's last write (log, metrics, progress.json): a long
+    evaluation or checkpoint under way is not hurried into the stop at once, a silent trainer is."""
+    import os
+
+    jobs = JobManager(grace_s=30)
+    job = fake_job(jobs, tmp_path / "run", DEAF)
+    try:
+        jobs.stop()
+        long_ago = time.time() - 1000
+        job._stop_sent_at = long_ago
+        os.utime(job.log_path, (long_ago, long_ago))
+        assert job._deadline() == pytest.approx(long_ago + 30)  # silent since: due
+        os.utime(job.log_path)  # the trainer wrote its log just now
+        assert job._deadline() > time.time() + 25 and job.next_stop_in() > 25
+    finally:
+        job.kill()
+
+
 def test_each_click_of_stop_escalates_at_once_but_a_double_click_is_one(tmp_path):
     jobs = JobManager(grace_s=600)
     job = fake_job(jobs, tmp_path / "double", DEAF)

@@ -97,6 +97,14 @@ def test_a_mapping_chooses_between_two_candidate_columns_and_may_swap(tmp_path, 
     assert tok_chatml.decode(swapped[0].chosen_ids).startswith("b")
 
 
+def test_a_mapping_that_names_a_column_as_it_is_keeps_it(tmp_path, tok_chatml):
+    """LLaMA-Factory's dataset_info habit: {prompt: instruction, chosen: chosen, rejected: rejected}."""
+    rows = [{"instruction": f"q{i}", "chosen": "a", "rejected": "b"} for i in range(3)]
+    got = pairs(DataConfig(train=str(write_jsonl(tmp_path / "d.jsonl", rows)), eval_fraction=0.0,
+                           columns={"prompt": "instruction", "chosen": "chosen", "rejected": "rejected"}), tok_chatml)
+    assert [p.prompt for p in got] == ["q0", "q1", "q2"] and tok_chatml.decode(got[0].chosen_ids).startswith("a")
+
+
 def test_the_mapping_is_checked_when_the_recipe_is_read():
     with pytest.raises(ConfigError, match="data.columns.question: not a column lora-dpo reads.*data.columns.prompt=question"):
         DataConfig(train="x.jsonl", columns={"question": "prompt"})

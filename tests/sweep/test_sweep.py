@@ -11,6 +11,7 @@ import shutil
 import pytest
 
 from lora_dpo.cli.main import main
+from lora_dpo.config import save_recipe
 from lora_dpo.errors import ConfigError
 from lora_dpo.run.metrics import read_metrics
 from lora_dpo.run.rundir import RunDir
@@ -72,6 +73,7 @@ def test_a_sweep_shares_one_reference_pass_and_a_killed_one_continues_where_it_s
             run = RunDir(recipe.output_dir)
             run.eval.unlink()
             shutil.rmtree(run.adapter)
+            save_recipe(recipe, run.config)  # the run was started for 4 steps
             raise KeyboardInterrupt
         return loop.train(recipe)
 
@@ -105,13 +107,16 @@ def test_a_sweep_shares_one_reference_pass_and_a_killed_one_continues_where_it_s
 def test_a_finished_point_of_another_recipe_is_refused_by_name(here):
     grid = parse_grid(["loss.beta=0.1"])
     run_sweep("toy", SMALL, grid)
-    with pytest.raises(ConfigError, match="differs .* in train.lr"):
+    with pytest.raises(ConfigError, match="sweep point beta-0.1: .* differs in train.lr"):
         run_sweep("toy", [*SMALL, "train.lr=1e-3"], grid)
+    # a longer sweep is not this one: its runs would be compared with the shorter one's
+    with pytest.raises(ConfigError, match="differs in train.max_steps; a sweep compares runs trained the same way"):
+        run_sweep("toy", [*SMALL, "train.max_steps=6"], grid)
 
 
 def _front(points, reference=0.5) -> Frontier:
     finals = [Point(name, 10, reward, kl) for name, kl, reward in points]
-    mark_pareto(finals)
+    mark_pareto(finals, reference)
     return Frontier("behaviour", "kl/sampled", reference, finals)
 
 
@@ -125,3 +130,5 @@ def test_the_frontier_keeps_the_non_dominated_points_and_recommends_the_knee():
     assert name == "a" and "95% of the best gain" in why and "50% of its KL" in why
     name, why = recommend(_front([("a", 0.1, 0.49), ("b", 0.2, 0.50)]))
     assert name is None and "no point improved on the reference" in why
+    worse = _front([("a", 0.1, 0.45), ("b", 0.2, 0.70)])  # a: more KL than the reference, less reward
+    assert [p.name for p in worse.finals if p.pareto] == ["b"]

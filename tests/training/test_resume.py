@@ -240,3 +240,21 @@ def test_a_sharded_checkpoint_without_optimizer_state_resumes_with_a_notice(reci
     train(load_recipe(recipe_path, ["train.max_steps=3", "resume=true"]))
     assert "holds no sharded optimizer state (written by an earlier lora-dpo); the optimizer's moments start afresh" \
         in capsys.readouterr().err
+
+
+def test_a_zero3_checkpoint_resumes_only_on_as_many_processes_as_wrote_it(tmp_path):
+    """DeepSpeed ZeRO-3 keeps one optimizer partition per process: a checkpoint of 2 processes on 1 is refused by
+    the process counts, before DeepSpeed's own loader would fail on it."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from lora_dpo.training.setup import _restore_sharded_optimizer
+
+    checkpoint = tmp_path / "step-2"
+    (checkpoint / "optimizer_sharded").mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"step": 2, "processes": 2}))
+    one = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, num_processes=1)
+    with pytest.raises(ConfigError, match="written by 2 processes under DeepSpeed ZeRO-3.*resume it on 2 processes "
+                                          r"\(here: 1\)"):
+        _restore_sharded_optimizer(one, None, None, checkpoint)

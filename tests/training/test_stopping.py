@@ -35,6 +35,8 @@ def test_once_training_the_first_stop_is_a_flag_and_the_second_stops_at_once():
         stop.training = True
         send(signal.SIGTERM)
         assert stop.requested == "SIGTERM"  # the loop finishes its step and checkpoints
+        send(signal.SIGTERM)  # a launcher passing the user's Ctrl-C on as SIGTERM: the safe stop goes on
+        assert stop.requested == "SIGTERM"
         with pytest.raises(KeyboardInterrupt) as raised:
             send(signal.SIGINT)
         assert not isinstance(raised.value, StoppedEarly)  # "at once", not "before training began"
