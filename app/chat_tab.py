@@ -19,7 +19,7 @@ from lora_dpo.compare import Comparer, Sampling
 from lora_dpo.data.tokenize import encode_prompt, stop_ids
 from lora_dpo.errors import UserError, first_line
 from lora_dpo.model.adapters import reference_model
-from lora_dpo.model.sampling import eval_mode
+from lora_dpo.model.sampling import sample_ids
 from lora_dpo.run import resolve_source
 
 from .compare_tab import BARELY_MOVED, NONE, CompareTab, barely_moved
@@ -92,23 +92,17 @@ def stream_reply(comparer: Comparer, messages: list[dict], adapter: bool = True,
     sampling.check()
     model, tokenizer = comparer.model, comparer.tokenizer
     ids, _ = prompt_ids(tokenizer, messages, window_of(model), sampling.max_new_tokens)
-    device = next(model.parameters()).device
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     cancel, failure = threading.Event(), []
-    settings = (dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
-                if sampling.temperature > 0 else dict(do_sample=False))
 
     def run():
         try:
             model.set_adapter(comparer.adapters[0].label)
-            with (contextlib.nullcontext() if adapter else reference_model(model)), eval_mode(model), \
-                    torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(sampling.seed)
-                model.generate(input_ids=torch.tensor([ids], device=device),
-                               attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
-                               max_new_tokens=sampling.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                               eos_token_id=stop_ids(tokenizer), use_cache=True, streamer=streamer,
-                               stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)]), **settings)
+            with (contextlib.nullcontext() if adapter else reference_model(model)), torch.no_grad():
+                sample_ids(model, [ids], pad_id=tokenizer.pad_token_id, stop=stop_ids(tokenizer),
+                           max_new_tokens=[sampling.max_new_tokens], temperature=sampling.temperature,
+                           top_p=sampling.top_p, seed=sampling.seed, batch_size=1, streamer=streamer,
+                           stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)]))
         except Exception as exc:  # noqa: BLE001 - raised again below, in the caller's thread
             failure.append(exc)
             streamer.end()  # the reader waits for the end of the stream: give it one

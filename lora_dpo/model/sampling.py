@@ -41,7 +41,7 @@ def eval_mode(model):
 @torch.no_grad()
 def sample_ids(model, prompts: Sequence[list[int]], *, pad_id: int, stop: Sequence[int], max_new_tokens: Sequence[int],
                temperature: float, top_p: float, seed: int, batch_size: int, pure: bool = False,
-               desc: str | None = None) -> list[list[int]]:
+               desc: str | None = None, **stream) -> list[list[int]]:
     """One sample per row of prompt ids from the model as it is, each up to and including its first id of `stop`
     (the end of its turn: data/tokenize.stop_ids) and at most its own `max_new_tokens[i]` tokens (no stop id when
     cut short).
@@ -50,7 +50,9 @@ def sample_ids(model, prompts: Sequence[list[int]], *, pad_id: int, stop: Sequen
     where generation starts. A forked RNG seeded with `seed` draws the samples: the same seed and batches give
     the same samples, and the caller's RNG stream is untouched. temperature 0 decodes greedily; `pure` switches
     off the model's own top_k, repetition penalty and the like (PURE_SAMPLING). The model is in eval mode
-    inside (its mode is restored). `desc`: show a progress bar over the batches with this title (None: quiet)."""
+    inside (its mode is restored). `desc`: show a progress bar over the batches with this title (None: quiet).
+    `stream`: transformers' `streamer` and `stopping_criteria`, handed to generate (a chat shows its one row as it
+    grows, and can be cancelled)."""
     device = next(model.parameters()).device
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
     if pure and temperature > 0:
@@ -66,7 +68,7 @@ def sample_ids(model, prompts: Sequence[list[int]], *, pad_id: int, stop: Sequen
             ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=device)
             attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
             new = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max(budgets), pad_token_id=pad_id,
-                                 eos_token_id=list(stop), use_cache=True, **sampling)[:, width:].tolist()
+                                 eos_token_id=list(stop), use_cache=True, **sampling, **stream)[:, width:].tolist()
             for row, budget in zip(new, budgets):
                 # generate pads a row only after its stop id, so a row without one is all generated tokens
                 cut = next((k + 1 for k, token in enumerate(row) if token in stop), len(row))
