@@ -89,14 +89,18 @@ class Workspace:
     def _yaml_files(self) -> list[Path]:
         return sorted(self.recipes.rglob("*.yaml")) if self.recipes.is_dir() else []
 
+    def _classified(self) -> list[tuple[str, str | None]]:
+        """(file, why it is not a recipe, or None) for every YAML file under recipes/, each read once."""
+        return [(self.show(p), not_a_recipe(p)) for p in self._yaml_files()]
+
     def recipe_files(self) -> list[str]:
         """The recipes under recipes/: YAML mappings of recipe keys (complete or not; the form says what is
         missing). Other YAML files there, such as accelerate's launch configs, are not offered (`not_recipes`)."""
-        return [self.show(p) for p in self._yaml_files() if not_a_recipe(p) is None]
+        return [f for f, why in self._classified() if why is None]
 
     def not_recipes(self) -> list[tuple[str, str]]:
         """(file, why) for the YAML files under recipes/ that are not recipes."""
-        return [(self.show(p), why) for p in self._yaml_files() if (why := not_a_recipe(p)) is not None]
+        return [(f, why) for f, why in self._classified() if why is not None]
 
     def finished_runs(self) -> list[str]:
         """Run directories (any depth under runs/) with a final adapter."""

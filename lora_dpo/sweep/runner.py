@@ -86,13 +86,16 @@ def run_sweep(recipe_path: str, overrides: list[str], grid: Grid, out: Optional[
     say(f"sweep: {len(points)} points in {folder} ({len(points) - len(todo)} finished already); "
         + ", ".join(f"{name} ({state})" for name, _, state in points))
     runs = [(name, folder / name) for name, _, _ in points]
+    front = None
     for i, (name, recipe, state) in enumerate(todo, 1):
         say(f"sweep: point {i} of {len(todo)} to train: {name}"
             + (" (resuming from its checkpoint)" if state == "resume" else ""))
         train_fn(recipe)
-        _write(folder, grid, recipe_path, overrides, frontier_of(runs))
-    front = frontier_of(runs)
-    _write(folder, grid, recipe_path, overrides, front)
+        front = frontier_of(runs)  # after every point: a reader (the app) sees the points arrive
+        _write(folder, grid, recipe_path, overrides, front)
+    if front is None:  # every point had finished: the record is written again, as this sweep sees it
+        front = frontier_of(runs)
+        _write(folder, grid, recipe_path, overrides, front)
     return front
 
 

@@ -139,8 +139,24 @@ def test_after_a_reload_the_form_shows_the_running_jobs_values(ws):
     assert values[KEYS.index("loss.beta")] == 0.4 and values[KEYS.index("train.max_steps")] == 3
 
 
-def test_the_app_keeps_no_run_history_in_the_browser():
-    assert PRIVATE["run_history"] is False and "runs" not in PRIVATE["footer_links"]
+def test_the_app_command_launches_without_run_history(ws, monkeypatch):
+    """`lora-dpo app` itself (not only the tour the browser test uses) launches with gradio's run history off."""
+    import signal
+
+    from lora_dpo_app import main as app_main
+
+    launched = {}
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: launched.update(kwargs))
+    monkeypatch.setattr(app_main.atexit, "register", lambda *a: None)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        args = SimpleNamespace(auth=None, share=False, host="127.0.0.1", port=0, workdir=str(ws.root),
+                               data_dir=None, allow_code=False)
+        assert app_main.run(args) == 0
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert launched["run_history"] is False and "runs" not in launched["footer_links"]
+    assert {k: launched[k] for k in PRIVATE} == PRIVATE
 
 
 def test_export_has_a_dry_run_that_lists_the_upload_and_sends_nothing(ws, monkeypatch):
